@@ -1,0 +1,229 @@
+"""Settings for mailauto: everything infrastructural comes from the environment.
+
+With nothing set, the project runs on one machine with no servers: SQLite in WAL mode,
+a filesystem Celery broker, and the local ESP sandbox as the ESP. With DATABASE_URL and
+REDIS_URL set it runs on Postgres and Redis. The code paths are the same in both; only
+the stores differ. Every MAILAUTO option is documented in the README ("Settings").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("MAILAUTO_VAR_DIR", BASE_DIR / "var"))
+
+env = environ.Env()
+# An optional .env file for local overrides; real environment variables win.
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+
+def env_secret(name: str, default: str | None = None) -> str | None:
+    """A secret from NAME, or from the file named by NAME_FILE (Docker/K8s secrets)."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        return Path(path).read_text().strip()
+    return env.str(name, default=default)
+
+
+DEBUG = env.bool("DEBUG", default=False)
+SECRET_KEY = env_secret("SECRET_KEY") or "insecure-dev-key-set-SECRET_KEY-in-production"
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# The public base URL, used for links in emails (unsubscribe, preferences).
+SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000").rstrip("/")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "anymail",
+    "django_celery_beat",
+    "mailauto",
+    "campaigns",
+    "suppression",
+    "webhooks",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "mailauto.urls"
+WSGI_APPLICATION = "mailauto.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database ----------------------------------------------------------------------
+# Embedded default: SQLite in WAL mode, with IMMEDIATE transactions so that two
+# processes claiming work serialise on the write lock instead of failing with
+# "database is locked" half-way through a transaction.
+if env.str("DATABASE_URL", default=""):
+    DATABASES = {"default": env.db("DATABASE_URL")}
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+else:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "mailauto.sqlite3",
+            "OPTIONS": {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis, cache and Celery -----------------------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="")
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
+else:
+    # No server: a cache shared by every process on this machine (files), and kombu's
+    # filesystem transport as the broker. Both work across web, worker and beat.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(VAR_DIR / "cache"),
+        }
+    }
+    _broker_dir = VAR_DIR / "broker"
+    (_broker_dir / "queue").mkdir(parents=True, exist_ok=True)
+    (_broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+
+# Celery. The Postgres row is the truth and the queue only says "look now", so a lost
+# task message delays work until the beat sweeper runs, never loses it.
+CELERY_TIMEZONE = "UTC"
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER", default=1)
+CELERY_TASK_DEFAULT_QUEUE = "events"
+CELERY_TASK_ROUTES = {
+    "campaigns.tasks.events_*": {"queue": "events"},
+    "campaigns.tasks.messages_*": {"queue": "sends"},
+    "webhooks.tasks.*": {"queue": "webhooks"},
+    "campaigns.tasks.sweep_*": {"queue": "housekeeping"},
+}
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# --- The ESP -------------------------------------------------------------------------
+# MAILAUTO_ESP names any ESP Anymail supports ("postmark", "sendgrid", "mailgun", ...);
+# its options come from ANYMAIL_<ESP>_<OPTION> variables (e.g. ANYMAIL_POSTMARK_SERVER_TOKEN,
+# ANYMAIL_MAILGUN_API_KEY), exactly as Anymail names them. With nothing set, the ESP is
+# Postmark pointed at the local sandbox.
+ESP_SANDBOX_PORT = env.int("ESP_SANDBOX_PORT", default=8025)
+ESP_NAME = env.str("MAILAUTO_ESP", default="postmark").lower()
+EMAIL_BACKEND = env.str("EMAIL_BACKEND", default=f"anymail.backends.{ESP_NAME}.EmailBackend")
+ANYMAIL: dict[str, object] = {
+    key.removeprefix("ANYMAIL_"): value
+    for key, value in os.environ.items()
+    if key.startswith("ANYMAIL_") and not key.endswith("_FILE")
+}
+for _key in [k for k in os.environ if k.startswith("ANYMAIL_") and k.endswith("_FILE")]:
+    ANYMAIL[_key.removeprefix("ANYMAIL_").removesuffix("_FILE")] = Path(os.environ[_key]).read_text().strip()
+if ESP_NAME == "postmark" and "POSTMARK_SERVER_TOKEN" not in ANYMAIL:
+    ANYMAIL["POSTMARK_SERVER_TOKEN"] = "sandbox-server-token"
+    ANYMAIL.setdefault("POSTMARK_API_URL", f"http://127.0.0.1:{ESP_SANDBOX_PORT}/")
+ANYMAIL.setdefault("WEBHOOK_SECRET", env_secret("MAILAUTO_WEBHOOK_SECRET") or "sandbox:sandbox-webhook-secret")
+ANYMAIL.setdefault("REQUESTS_TIMEOUT", (3.05, env.float("MAILAUTO_ESP_TIMEOUT", default=10.0)))
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="mailauto demo <hello@mailauto.test>")
+
+# --- mailauto's own options (documented in the README, "Settings") --------------------
+MAILAUTO = {
+    # Delivery
+    "RATE_LIMIT_PER_SECOND": env.float("MAILAUTO_RATE_LIMIT", default=100.0),
+    "RETRY_MAX_ATTEMPTS": env.int("MAILAUTO_RETRY_MAX_ATTEMPTS", default=5),
+    "RETRY_BACKOFF_BASE_SECONDS": env.float("MAILAUTO_RETRY_BACKOFF_BASE", default=30.0),
+    "RETRY_BACKOFF_MAX_SECONDS": env.float("MAILAUTO_RETRY_BACKOFF_MAX", default=3600.0),
+    "SEND_BATCH_SIZE": env.int("MAILAUTO_SEND_BATCH_SIZE", default=50),
+    "SEND_LEASE_SECONDS": env.int("MAILAUTO_SEND_LEASE_SECONDS", default=300),
+    "UNKNOWN_RESEND_GRACE_SECONDS": env.int("MAILAUTO_UNKNOWN_RESEND_GRACE", default=6 * 3600),
+    # Events
+    "EVENTS_API_RATE_LIMIT": env.str("MAILAUTO_EVENTS_API_RATE_LIMIT", default="6000/m"),
+    "EVENT_BATCH_SIZE": env.int("MAILAUTO_EVENT_BATCH_SIZE", default=200),
+    "EVENT_MAX_ATTEMPTS": env.int("MAILAUTO_EVENT_MAX_ATTEMPTS", default=5),
+    "EVENT_LEASE_SECONDS": env.int("MAILAUTO_EVENT_LEASE_SECONDS", default=300),
+    "SWEEP_INTERVAL_SECONDS": env.int("MAILAUTO_SWEEP_INTERVAL", default=30),
+    # Templates
+    "TEMPLATE_CACHE_TTL_SECONDS": env.int("MAILAUTO_TEMPLATE_CACHE_TTL", default=300),
+    # Suppression
+    "SUPPRESSION_STORAGE": env.str("MAILAUTO_SUPPRESSION_STORAGE", default="database"),
+    "SUPPRESSION_SYNC_INTERVAL_SECONDS": env.int("MAILAUTO_SUPPRESSION_SYNC_INTERVAL", default=300),
+    # Compliance switches
+    "GDPR": env.bool("MAILAUTO_GDPR", default=True),
+    "CCPA": env.bool("MAILAUTO_CCPA", default=False),
+    "CONSENT_CHECK": env.bool("MAILAUTO_CONSENT_CHECK", default=False),
+}
+
+# --- The rest of Django ----------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("TIME_ZONE", default="UTC")
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG and SITE_URL.startswith("https"))
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
+
+CELERY_BEAT_SCHEDULE = {
+    "sweep-outbox": {
+        "task": "campaigns.tasks.sweep_outbox",
+        "schedule": float(MAILAUTO["SWEEP_INTERVAL_SECONDS"]),
+    },
+}
