@@ -1,0 +1,448 @@
+"""The delivery engine: claim due Messages, render them, hand them to the ESP with
+Anymail, and record what happened. ESP errors are classified here, in one table.
+
+A message moves QUEUED → CLAIMED (leased to a worker; nothing has left the building, so
+an expired lease simply returns it to the queue) → SENDING (committed *before* the HTTP
+request, so that a crash from here on is known to be ambiguous) → SENT, or back to
+QUEUED with backoff, or FAILED, DEAD, SUPPRESSED, or UNKNOWN when we cannot know whether
+the ESP took it. No ESP call ever happens inside a database transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from email.utils import parsedate_to_datetime
+
+import requests
+from anymail.exceptions import (
+    AnymailAPIError,
+    AnymailConfigurationError,
+    AnymailError,
+    AnymailInvalidAddress,
+    AnymailRecipientsRefused,
+    AnymailSerializationError,
+    AnymailUnsupportedFeature,
+)
+from anymail.message import AnymailMessage
+from django.conf import settings
+from django.core.mail import get_connection
+from django.db import transaction
+from django.db.models import Case, Exists, F, OuterRef, Q, Value, When
+from django.db.models.functions import Lower
+from django.utils import timezone
+
+from campaigns.models import Message
+from campaigns.rendering import RenderedEmail, build_context, render_email
+from campaigns.schemas import sensitive_fields
+from mailauto.lib.backoff import retry_delay
+from suppression.models import Suppression
+from suppression.selectors import send_decision
+from suppression.services import suppression_add
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR_HISTORY = 20
+
+
+# --- the one table of ESP errors -------------------------------------------------------
+
+
+class ErrorKind:
+    RETRYABLE = "retryable"  # the ESP provably did not take the message: try again later
+    PERMANENT = "permanent"  # it never will: do not retry
+    AMBIGUOUS = "ambiguous"  # it may have: hold as UNKNOWN, never blindly resend
+
+
+@dataclass(frozen=True)
+class SendError:
+    kind: str
+    reason: str
+    retry_after: float | None = None
+    suppress_recipient: bool = False
+
+
+def classify_send_error(exc: BaseException) -> SendError:
+    """Map an exception from AnymailMessage.send() to what we do about it.
+
+    An HTTP answer decides first (its status code says what the ESP did); only without
+    one do we look at the transport error that Anymail chains as __cause__ (see
+    anymail/backends/base_requests.py, post_to_esp).
+    """
+    if isinstance(exc, AnymailRecipientsRefused):
+        return SendError(ErrorKind.PERMANENT, "recipient refused by the ESP (invalid or inactive)", suppress_recipient=True)
+    if isinstance(exc, AnymailInvalidAddress):
+        return SendError(ErrorKind.PERMANENT, "invalid address", suppress_recipient=True)
+    if isinstance(exc, AnymailSerializationError | AnymailUnsupportedFeature):
+        return SendError(ErrorKind.PERMANENT, f"the ESP cannot send this message: {type(exc).__name__}")
+    if isinstance(exc, AnymailConfigurationError):
+        # A deployment mistake (missing API key): keep the message, retry with backoff,
+        # and let it reach the dead letters if nobody fixes it; replay is safe.
+        return SendError(ErrorKind.RETRYABLE, "ESP configuration error (check the ESP settings)")
+
+    status = getattr(exc, "status_code", None)
+    response = getattr(exc, "response", None)
+    if status is None and response is not None:
+        status = getattr(response, "status_code", None)
+    if isinstance(exc, AnymailAPIError) and status is not None:
+        if status == 429:
+            return SendError(ErrorKind.RETRYABLE, "rate limited by the ESP (429)", _retry_after(response))
+        if status >= 500 or status in (401, 403, 408):
+            # 5xx with a response: the ESP answered that it failed. 401/403: a bad key
+            # is an operator's problem, not the recipient's; keep the message.
+            return SendError(ErrorKind.RETRYABLE, f"ESP answered {status}", _retry_after(response))
+        return SendError(ErrorKind.PERMANENT, f"rejected by the ESP ({status})")
+
+    # No HTTP answer at all: a transport failure. (AnymailRequestsAPIError is itself a
+    # requests.HTTPError, so only look at it as a transport error once we know it
+    # carries no response.)
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if isinstance(cause, requests.ConnectTimeout):
+        return SendError(ErrorKind.RETRYABLE, "could not connect to the ESP (timeout)")
+    if isinstance(cause, requests.ConnectionError) and _connection_never_made(cause):
+        return SendError(ErrorKind.RETRYABLE, "could not connect to the ESP (refused or unreachable)")
+    if isinstance(cause, requests.RequestException):
+        # Read timeout, connection reset or closed after the request was written: the
+        # ESP may have accepted the message. Resending could duplicate it.
+        return SendError(ErrorKind.AMBIGUOUS, f"no answer from the ESP after sending ({type(cause).__name__})")
+    if isinstance(exc, AnymailError):
+        # An Anymail error without a status: an unparseable answer to a request that
+        # did reach the ESP.
+        return SendError(ErrorKind.AMBIGUOUS, f"unexpected answer from the ESP ({type(exc).__name__})")
+    return SendError(ErrorKind.AMBIGUOUS, f"unexpected error while sending ({type(exc).__name__})")
+
+
+def _connection_never_made(err: requests.ConnectionError) -> bool:
+    """True when the TCP connection was never established, so no byte reached the ESP."""
+    import urllib3.exceptions
+
+    seen: set[int] = set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, urllib3.exceptions.NewConnectionError | ConnectionRefusedError):
+            return True
+        reason = getattr(node, "reason", None)
+        if isinstance(reason, BaseException) and id(reason) not in seen:
+            node = reason
+            continue
+        args = getattr(node, "args", ())
+        inner = next((a for a in args if isinstance(a, BaseException)), None)
+        node = inner if inner is not None else node.__cause__ or node.__context__
+    return False
+
+
+def _retry_after(response: object) -> float | None:
+    headers = getattr(response, "headers", None)
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, (parsedate_to_datetime(value) - timezone.now()).total_seconds())
+        except (TypeError, ValueError):
+            return None
+
+
+# --- claiming -------------------------------------------------------------------------
+
+
+def _options() -> dict:
+    return settings.MAILAUTO
+
+
+def claimable_messages_q(now) -> Q:  # type: ignore[no-untyped-def]
+    """Due queued messages, and claimed ones whose worker died before handing them to
+    the ESP (CLAIMED is before the HTTP request, so retaking them is safe)."""
+    return Q(status=Message.Status.QUEUED, send_after__lte=now) | Q(status=Message.Status.CLAIMED, locked_until__lt=now)
+
+
+def messages_claim(*, limit: int) -> list[Message]:
+    now = timezone.now()
+    lease = now + timedelta(seconds=_options()["SEND_LEASE_SECONDS"])
+    with transaction.atomic():
+        ids = list(
+            Message.objects.filter(claimable_messages_q(now))
+            .order_by("send_after", "id")
+            .select_for_update(skip_locked=True)
+            .values_list("id", flat=True)[:limit]
+        )
+        if not ids:
+            return []
+        Message.objects.filter(claimable_messages_q(now), id__in=ids).update(
+            status=Message.Status.CLAIMED, locked_until=lease, updated_at=now
+        )
+        return list(
+            Message.objects.filter(id__in=ids, status=Message.Status.CLAIMED, locked_until=lease)
+            .select_related("template_version", "contact", "event__event_type", "automation")
+            .order_by("id")
+        )
+
+
+# --- sending ---------------------------------------------------------------------------
+
+
+@dataclass
+class SendBatchResult:
+    claimed: int = 0
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    unknown: int = 0
+    suppressed: int = 0
+    dead: int = 0
+
+
+def messages_send_batch(*, limit: int | None = None) -> SendBatchResult:
+    """Claim one batch of due messages and send each of them."""
+    messages = messages_claim(limit=limit or _options()["SEND_BATCH_SIZE"])
+    result = SendBatchResult(claimed=len(messages))
+    if not messages:
+        return result
+    connection = get_connection()
+    connection.open()
+    try:
+        for message in messages:
+            outcome = message_send(message=message, connection=connection)
+            setattr(result, outcome, getattr(result, outcome) + 1)
+    finally:
+        connection.close()
+    return result
+
+
+def message_render(*, message: Message) -> RenderedEmail:
+    """Render a message from the exact template version it pins."""
+    version = message.template_version
+    event = message.event
+    contact = message.contact
+    schema = event.event_type.schema if event is not None else {}
+    context = build_context(
+        contact=contact.as_context() if contact is not None else {"email": message.to_email},
+        event={
+            "type": event.event_type.name,
+            "occurred_at": event.occurred_at.isoformat(),
+            "source": event.source,
+        }
+        if event is not None
+        else {},
+        payload=event.payload if event is not None else {},
+        links={},
+        sensitive_fields=sensitive_fields(schema),
+        declared_fields=set(version.declared_sensitive_fields or []),
+    )
+    return render_email(subject=version.subject, html=version.html, text=version.text, context=context)
+
+
+def message_send(*, message: Message, connection: object) -> str:
+    """Send one claimed message. Returns the name of the outcome (a SendBatchResult field)."""
+    decision = send_decision(email=message.to_email, purpose=message.purpose, transactional=message.transactional)
+    if not decision.allowed:
+        _finish(message, status=Message.Status.SUPPRESSED, reason=decision.reason, from_status=Message.Status.CLAIMED)
+        return "suppressed"
+
+    try:
+        rendered = message_render(message=message)
+    except Exception as err:
+        logger.exception("rendering failed", extra={"message_id": message.pk})
+        _finish(message, status=Message.Status.FAILED, reason="rendering failed", error=f"{type(err).__name__}: {err}")
+        return "failed"
+
+    # The hand-off point. Committed before the request leaves, and guarded so that a
+    # suppression committed before this statement still wins ("suppression wins": see
+    # DESIGN.md). From here on, a crash leaves the message SENDING, which the sweeper
+    # turns into UNKNOWN rather than resending blindly.
+    handed_off = (
+        Message.objects.filter(pk=message.pk, status=Message.Status.CLAIMED)
+        .exclude(Exists(_blocking_suppressions(message.transactional)))
+        .update(
+            status=Message.Status.SENDING,
+            attempts=F("attempts") + 1,
+            subject=rendered.subject,
+            updated_at=timezone.now(),
+        )
+    )
+    if not handed_off:
+        decision = send_decision(email=message.to_email, purpose=message.purpose, transactional=message.transactional)
+        if not decision.allowed:
+            _finish(message, status=Message.Status.SUPPRESSED, reason=decision.reason, from_status=Message.Status.CLAIMED)
+            return "suppressed"
+        return "retrying"  # someone else holds it now (our lease expired); not ours to send
+    message.attempts += 1
+
+    email = AnymailMessage(
+        subject=rendered.subject,
+        body=rendered.text,
+        from_email=settings.DEFAULT_FROM_EMAIL,
+        to=[message.to_email],
+        connection=connection,
+        metadata={"mailauto_message_id": str(message.pk)},
+        tags=[message.purpose],
+    )
+    email.attach_alternative(rendered.html, "text/html")
+    try:
+        email.send()
+    except Exception as exc:
+        return _record_failure(message, classify_send_error(exc), exc)
+
+    status = email.anymail_status
+    esp_id = status.message_id if isinstance(status.message_id, str) else ""
+    now = timezone.now()
+    Message.objects.filter(pk=message.pk).update(
+        # A tracking webhook may already have advanced the message (the ESP can be
+        # faster than this UPDATE); never move it backwards.
+        status=Case(
+            When(status__in=[Message.Status.SENDING, Message.Status.UNKNOWN], then=Value(Message.Status.SENT)),
+            default=F("status"),
+        ),
+        esp_message_id=esp_id,
+        sent_at=now,
+        locked_until=None,
+        last_error="",
+        updated_at=now,
+    )
+    logger.info("message sent", extra={"message_id": message.pk, "esp_message_id": esp_id})
+    return "sent"
+
+
+def _blocking_suppressions(transactional: bool):  # type: ignore[no-untyped-def]
+    blocking = Suppression.objects.filter(email=Lower(OuterRef("to_email"))).filter(
+        Q(topic="") | Q(topic=OuterRef("purpose"))
+    )
+    if transactional:
+        blocking = blocking.exclude(reason=Suppression.Reason.UNSUBSCRIBE)
+    return blocking
+
+
+def _record_failure(message: Message, error: SendError, exc: BaseException) -> str:
+    detail = f"{error.reason}: {type(exc).__name__}: {str(exc)[:500]}"
+    logger.warning("send failed (%s)", error.kind, extra={"message_id": message.pk, "reason": error.reason})
+    if error.kind == ErrorKind.AMBIGUOUS:
+        _finish(message, status=Message.Status.UNKNOWN, reason=error.reason, error=detail, from_status=Message.Status.SENDING)
+        return "unknown"
+    if error.kind == ErrorKind.PERMANENT:
+        _finish(message, status=Message.Status.FAILED, reason=error.reason, error=detail, from_status=Message.Status.SENDING)
+        if error.suppress_recipient:
+            suppression_add(
+                email=message.to_email,
+                reason=Suppression.Reason.INVALID,
+                source=f"esp:{settings.ESP_NAME}",
+                detail=error.reason,
+            )
+        return "failed"
+    options = _options()
+    if message.attempts >= options["RETRY_MAX_ATTEMPTS"]:
+        _finish(
+            message,
+            status=Message.Status.DEAD,
+            reason=f"retries exhausted: {error.reason}",
+            error=detail,
+            from_status=Message.Status.SENDING,
+        )
+        return "dead"
+    delay = retry_delay(
+        attempt=message.attempts,
+        base=options["RETRY_BACKOFF_BASE_SECONDS"],
+        cap=options["RETRY_BACKOFF_MAX_SECONDS"],
+        retry_after=error.retry_after,
+    )
+    _finish(
+        message,
+        status=Message.Status.QUEUED,
+        reason=f"will retry: {error.reason}",
+        error=detail,
+        from_status=Message.Status.SENDING,
+        send_after=timezone.now() + timedelta(seconds=delay),
+    )
+    return "retrying"
+
+
+def _finish(
+    message: Message,
+    *,
+    status: str,
+    reason: str,
+    error: str = "",
+    from_status: str | None = None,
+    send_after=None,  # type: ignore[no-untyped-def]
+) -> None:
+    now = timezone.now()
+    fields: dict[str, object] = {"status": status, "status_reason": reason[:255], "locked_until": None, "updated_at": now}
+    if error:
+        history = [
+            *message.error_history,
+            {"at": now.isoformat(), "attempt": message.attempts, "status": status, "error": error[:2000]},
+        ]
+        message.error_history = history[-MAX_ERROR_HISTORY:]
+        fields["error_history"] = message.error_history
+        fields["last_error"] = error[:2000]
+    if send_after is not None:
+        fields["send_after"] = send_after
+    queryset = Message.objects.filter(pk=message.pk)
+    if from_status is not None:
+        queryset = queryset.filter(status=from_status)
+    queryset.update(**fields)
+
+
+# --- housekeeping ------------------------------------------------------------------------
+
+
+def messages_expire_leases() -> int:
+    """SENDING messages whose worker's lease ran out may or may not have reached the ESP:
+    hold them as UNKNOWN until a webhook or the grace period decides."""
+    now = timezone.now()
+    return Message.objects.filter(status=Message.Status.SENDING, locked_until__lt=now).update(
+        status=Message.Status.UNKNOWN,
+        status_reason="worker stopped while handing the message to the ESP",
+        locked_until=None,
+        updated_at=now,
+    )
+
+
+def messages_resend_unknown() -> int:
+    """After the grace period with no webhook, an UNKNOWN message is queued once more.
+
+    Only once: a message that was already resent after being unknown goes to the dead
+    letters instead of looping.
+    """
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=_options()["UNKNOWN_RESEND_GRACE_SECONDS"])
+    stale = Message.objects.filter(status=Message.Status.UNKNOWN, updated_at__lt=cutoff)
+    dead = stale.filter(resent_after_unknown=True).update(
+        status=Message.Status.DEAD, status_reason="still unknown after one resend", updated_at=now
+    )
+    requeued = stale.filter(resent_after_unknown=False).update(
+        status=Message.Status.QUEUED,
+        status_reason="resent after the grace period with no webhook",
+        resent_after_unknown=True,
+        send_after=now,
+        updated_at=now,
+    )
+    return requeued + dead
+
+
+@transaction.atomic
+def messages_replay(*, message_ids: list[int]) -> int:
+    """Queue dead or failed messages again. A message the ESP is known to have accepted
+    (it has an ESP message id) is never replayed: that would be a duplicate."""
+    return (
+        Message.objects.filter(id__in=message_ids, status__in=[Message.Status.DEAD, Message.Status.FAILED])
+        .filter(esp_message_id="")
+        .update(status=Message.Status.QUEUED, status_reason="replayed", attempts=0, send_after=timezone.now())
+    )
+
+
+def nudge_send_workers() -> None:
+    """Ask a send worker to look for due messages once the current transaction commits."""
+
+    def nudge() -> None:
+        from campaigns.tasks import messages_send
+
+        try:
+            messages_send.apply_async(retry=False)
+        except Exception:
+            logger.warning("could not nudge the send workers; the sweeper will", exc_info=True)
+
+    transaction.on_commit(nudge)

@@ -1,0 +1,304 @@
+"""Events in: emit(), emit_many() and identify(), the API application code calls.
+
+emit() is one INSERT into the outbox, inside the caller's transaction, so an event
+exists exactly when the caller's own writes do. Workers are nudged after commit; if the
+broker is down the nudge is lost, not the event: the beat sweeper finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from campaigns.exceptions import InvalidContact, InvalidEvent, InvalidInput
+from campaigns.models import Contact, EventType, OutboxEvent
+from campaigns.schemas import PayloadError, validate_payload
+
+logger = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """One event for emit_many(); the same fields emit() takes."""
+
+    event_type: str
+    user_id: str
+    payload: Mapping[str, Any]
+    event_id: str | None = None
+    occurred_at: datetime | str | None = None
+    source: str | None = None
+
+
+def emit(
+    event_type: str,
+    user_id: str | int,
+    payload: Mapping[str, Any] | None = None,
+    *,
+    event_id: str | uuid.UUID | None = None,
+    occurred_at: datetime | str | None = None,
+    source: str | None = None,
+) -> str:
+    """Record that something happened to a user; return the event id.
+
+    Raises InvalidEvent (and writes nothing) for an unknown event type or a payload that
+    does not fit the type's schema. Emitting an event_id that already exists is a no-op
+    that returns the same id: retries from the caller are safe.
+    """
+    event = _build_event(
+        event_type=event_type,
+        user_id=user_id,
+        payload=payload if payload is not None else {},
+        event_id=event_id,
+        occurred_at=occurred_at,
+        source=source,
+        event_types={},
+        index=None,
+    )
+    # ignore_conflicts: INSERT … ON CONFLICT DO NOTHING. A plain INSERT that hit the
+    # unique key would raise IntegrityError and, on Postgres, abort the *caller's*
+    # transaction; a duplicate event id must not do that.
+    OutboxEvent.objects.bulk_create([event], ignore_conflicts=True)
+    _nudge_after_commit()
+    return event.event_id
+
+
+def emit_many(events: Iterable[EventSpec | Mapping[str, Any]], *, source: str | None = None) -> list[str]:
+    """Emit a batch in one statement; all or nothing. Returns the event ids in order.
+
+    Each item is an EventSpec or a mapping with the keys emit() takes. If any event is
+    invalid, InvalidEvent is raised naming it by index ("events[3].payload.plan") and
+    nothing is written.
+    """
+    event_types: dict[str, EventType] = {}
+    rows: list[OutboxEvent] = []
+    errors: dict[str, str] = {}
+    for index, item in enumerate(events):
+        spec = item if isinstance(item, EventSpec) else _spec_from_mapping(item, index)
+        try:
+            rows.append(
+                _build_event(
+                    event_type=spec.event_type,
+                    user_id=spec.user_id,
+                    payload=spec.payload,
+                    event_id=spec.event_id,
+                    occurred_at=spec.occurred_at,
+                    source=spec.source if spec.source is not None else source,
+                    event_types=event_types,
+                    index=index,
+                )
+            )
+        except InvalidEvent as err:
+            errors.update(err.errors)
+    if errors:
+        raise InvalidEvent(_summarise(errors), errors=errors)
+    if rows:
+        OutboxEvent.objects.bulk_create(rows, ignore_conflicts=True, batch_size=1000)
+        _nudge_after_commit()
+    return [row.event_id for row in rows]
+
+
+def identify(
+    user_id: str | int,
+    *,
+    email: str,
+    attributes: Mapping[str, Any] | None = None,
+    replace_attributes: bool = False,
+) -> Contact:
+    """Create or update the contact that events for `user_id` refer to.
+
+    Attributes are merged into the existing ones (a key set to None is removed) unless
+    replace_attributes is true. Raises InvalidContact for a bad email or attributes.
+    """
+    user_id = _clean_user_id(user_id, InvalidContact)
+    email = (email or "").strip()
+    try:
+        validate_email(email)
+    except ValidationError:
+        raise InvalidContact(f"{email!r} is not a valid email address", errors={"email": "invalid email address"}) from None
+    attrs = _clean_json_object(attributes or {}, "attributes", InvalidContact)
+
+    with transaction.atomic():
+        contact, created = Contact.objects.select_for_update().get_or_create(
+            user_id=user_id,
+            defaults={"email": email, "attributes": {k: v for k, v in attrs.items() if v is not None}},
+        )
+        if not created:
+            merged = {} if replace_attributes else dict(contact.attributes)
+            for key, value in attrs.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            contact.email = email
+            contact.attributes = merged
+            contact.updated_at = timezone.now()
+            contact.save(update_fields=["email", "attributes", "updated_at"])
+    return contact
+
+
+# --- building and validating one event ------------------------------------------------
+
+
+def _build_event(
+    *,
+    event_type: str,
+    user_id: str | int,
+    payload: Mapping[str, Any],
+    event_id: str | uuid.UUID | None,
+    occurred_at: datetime | str | None,
+    source: str | None,
+    event_types: dict[str, EventType],
+    index: int | None,
+) -> OutboxEvent:
+    prefix = "" if index is None else f"events[{index}]."
+    errors: dict[str, str] = {}
+
+    type_row = _event_type(event_type, event_types)
+    if type_row is None:
+        errors[f"{prefix}event_type"] = f"unknown event type {event_type!r} (register it in the admin)"
+    elif not type_row.active:
+        errors[f"{prefix}event_type"] = f"event type {event_type!r} is inactive"
+
+    try:
+        user_id = _clean_user_id(user_id, InvalidEvent)
+    except InvalidEvent as err:
+        errors[f"{prefix}user_id"] = err.errors["user_id"]
+
+    if event_id is None:
+        event_id = uuid.uuid4().hex
+    else:
+        event_id = str(event_id).strip()
+        if not event_id or len(event_id) > MAX_ID_LENGTH:
+            errors[f"{prefix}event_id"] = f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"
+
+    when = _clean_occurred_at(occurred_at)
+    if when is None:
+        errors[f"{prefix}occurred_at"] = "must be a timezone-aware datetime or an ISO 8601 string with an offset"
+
+    if source is not None and len(str(source)) > 100:
+        errors[f"{prefix}source"] = "must be at most 100 characters"
+
+    if type_row is not None:
+        try:
+            validate_payload(type_row.schema, payload)
+        except PayloadError as err:
+            for path, message in err.errors.items():
+                errors[f"{prefix}payload.{path}" if path else f"{prefix}payload"] = message
+
+    if errors:
+        raise InvalidEvent(_summarise(errors), errors=errors)
+    assert type_row is not None and when is not None
+    return OutboxEvent(
+        event_id=str(event_id),
+        event_type=type_row,
+        user_id=str(user_id),
+        payload=dict(payload),
+        source=str(source or ""),
+        occurred_at=when,
+        available_at=timezone.now(),
+    )
+
+
+def _event_type(name: str, cache: dict[str, EventType]) -> EventType | None:
+    if not isinstance(name, str):
+        return None
+    if name not in cache:
+        row = EventType.objects.filter(name=name).first()
+        if row is None:
+            return None
+        cache[name] = row
+    return cache[name]
+
+
+def _clean_user_id(user_id: object, error: type[InvalidInput]) -> str:
+    if isinstance(user_id, bool) or not isinstance(user_id, str | int):
+        raise error("user_id must be a string or an integer", errors={"user_id": "must be a string or an integer"})
+    value = str(user_id).strip()
+    if not value or len(value) > MAX_ID_LENGTH:
+        message = f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"
+        raise error(f"user_id {message}", errors={"user_id": message})
+    return value
+
+
+def _clean_occurred_at(value: datetime | str | None) -> datetime | None:
+    if value is None:
+        return timezone.now()
+    if isinstance(value, str):
+        try:
+            value = parse_datetime(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime) or timezone.is_naive(value):
+        return None
+    return value
+
+
+def _clean_json_object(value: object, name: str, error: type[InvalidInput]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise error(f"{name} must be a JSON object", errors={name: "must be a JSON object"})
+    try:
+        return json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise error(f"{name} must be JSON-serialisable: {err}", errors={name: f"not JSON-serialisable: {err}"}) from None
+
+
+def _spec_from_mapping(item: Mapping[str, Any], index: int) -> EventSpec:
+    if not isinstance(item, Mapping):
+        raise InvalidEvent(f"events[{index}] must be an object", errors={f"events[{index}]": "must be an object"})
+    unknown = set(item) - {"event_type", "user_id", "payload", "event_id", "occurred_at", "source"}
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        raise InvalidEvent(f"events[{index}]: unknown keys {names}", errors={f"events[{index}]": f"unknown keys: {names}"})
+    return EventSpec(
+        event_type=item.get("event_type"),  # type: ignore[arg-type]  (validated in _build_event)
+        user_id=item.get("user_id"),  # type: ignore[arg-type]
+        payload=item.get("payload", {}),
+        event_id=item.get("event_id"),
+        occurred_at=item.get("occurred_at"),
+        source=item.get("source"),
+    )
+
+
+def _summarise(errors: dict[str, str]) -> str:
+    return "invalid event: " + "; ".join(f"{path}: {message}" for path, message in errors.items())
+
+
+# --- nudging workers ------------------------------------------------------------------
+
+
+def _nudge_after_commit(using: str = DEFAULT_DB_ALIAS) -> None:
+    """Ask a worker to look at the outbox once this transaction commits.
+
+    One nudge per transaction however many events it emits: a caller emitting in a loop
+    inside one atomic block must not publish thousands of broker messages.
+    """
+    connection = connections[using]
+    if connection.in_atomic_block and any(func is nudge_event_workers for _, func, _ in connection.run_on_commit):
+        return
+    transaction.on_commit(nudge_event_workers, using=using)
+
+
+def nudge_event_workers() -> None:
+    # Imported here: tasks import the services, and the services must not need Celery
+    # to be importable.
+    from campaigns.tasks import events_process
+
+    try:
+        # retry=False: with the broker down, the caller must not block on publish
+        # retries. The beat sweeper picks the event up later; the row is the truth.
+        events_process.apply_async(retry=False)
+    except Exception:
+        logger.warning("could not nudge the event workers; the sweeper will pick the events up", exc_info=True)

@@ -1,0 +1,16 @@
+"""Top-level URLs: the admin, the events API, webhooks, recipient pages, health."""
+
+from django.contrib import admin
+from django.urls import include, path
+
+from mailauto import views
+
+admin.site.site_header = "mailauto"
+admin.site.site_title = "mailauto"
+admin.site.index_title = "Email automation"
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("health/", views.health, name="health"),
+    path("", include("campaigns.urls")),
+]

@@ -1,0 +1,1 @@
+"""Suppression: the single answer to "may we email this address, for this purpose, now?"."""

@@ -1,0 +1,277 @@
+"""The delivery engine, against the local ESP sandbox over real HTTP."""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from unittest import mock
+
+import pytest
+import requests
+from anymail.exceptions import AnymailAPIError, AnymailRecipientsRefused
+from django.test import TestCase, override_settings
+from django.utils import timezone
+
+from campaigns.delivery import (
+    ErrorKind,
+    classify_send_error,
+    messages_claim,
+    messages_expire_leases,
+    messages_replay,
+    messages_resend_unknown,
+    messages_send_batch,
+)
+from campaigns.models import Message
+from mailauto.sandbox import SandboxServer
+from suppression.models import Suppression
+from suppression.services import suppression_add
+from tests import factories
+from tests.conftest import sandbox_anymail_settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SandboxTestCase(TestCase):
+    """Runs a real sandbox for each test and points Anymail's Postmark backend at it."""
+
+    def setUp(self) -> None:
+        self.sandbox = SandboxServer(port=0).start()
+        self.addCleanup(self.sandbox.stop)
+        override = override_settings(
+            EMAIL_BACKEND="anymail.backends.postmark.EmailBackend",
+            ANYMAIL=sandbox_anymail_settings(self.sandbox),
+        )
+        override.enable()
+        self.addCleanup(override.disable)
+
+    @classmethod
+    def setUpTestData(cls) -> None:
+        cls.type = factories.event_type()
+        cls.contact = factories.contact(user_id="u-1", email="ada@example.com", first_name="Ada")
+        cls.version = factories.published_version(
+            subject="Hi {{ contact.first_name }}",
+            html="<p>Plan: {{ payload.plan }}</p><p>Card: {{ payload.card_last4 }}</p>",
+        )
+        cls.event = factories.outbox_event(cls.type, "u-1", {"plan": "pro", "card_last4": "4242"})
+
+    def queued(self, **kw: object) -> Message:
+        return factories.message(self.version, self.contact, self.event, **kw)
+
+
+class SendTests(SandboxTestCase):
+    def test_queued_message_is_rendered_sent_and_recorded(self) -> None:
+        message = self.queued()
+        result = messages_send_batch()
+        self.assertEqual(result.sent, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.SENT)
+        [accepted] = self.sandbox.messages()
+        self.assertEqual(message.esp_message_id, accepted["message_id"])
+        self.assertEqual(accepted["to"], ["ada@example.com"])
+        self.assertEqual(accepted["subject"], "Hi Ada")
+        self.assertIn("Plan: pro", accepted["html"])
+        self.assertIn("Plan: pro", accepted["text"])
+        self.assertEqual(accepted["metadata"], {"mailauto_message_id": str(message.pk)})
+        self.assertEqual(message.subject, "Hi Ada")
+        self.assertEqual(message.attempts, 1)
+
+    def test_undeclared_sensitive_field_is_not_rendered(self) -> None:
+        self.queued()
+        messages_send_batch()
+        [accepted] = self.sandbox.messages()
+        self.assertNotIn("4242", accepted["html"])
+        self.assertNotIn("4242", accepted["text"])
+
+    def test_declared_sensitive_field_is_rendered(self) -> None:
+        version = factories.published_version(html="<p>Card {{ payload.card_last4 }}</p>", declared=["card_last4"])
+        factories.message(version, self.contact, self.event)
+        messages_send_batch()
+        self.assertIn("Card 4242", self.sandbox.messages()[0]["html"])
+
+    def test_message_not_yet_due_is_not_sent(self) -> None:
+        self.queued(send_after=timezone.now() + timedelta(hours=1))
+        self.assertEqual(messages_send_batch().claimed, 0)
+        self.assertEqual(self.sandbox.messages(), [])
+
+    def test_suppression_recorded_before_hand_off_wins(self) -> None:
+        message = self.queued()
+        suppression_add(email="ada@example.com", reason=Suppression.Reason.HARD_BOUNCE, source="test")
+        result = messages_send_batch()
+        self.assertEqual(result.suppressed, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.SUPPRESSED)
+        self.assertIn("hard bounce", message.status_reason)
+        self.assertEqual(self.sandbox.messages(), [])
+
+    def test_suppression_between_check_and_hand_off_still_wins(self) -> None:
+        """The hand-off UPDATE itself refuses a suppressed address (no check-then-act gap)."""
+        message = self.queued()
+        from suppression import selectors
+
+        real = selectors.send_decision
+        calls = []
+
+        def decide_then_suppress(**kw):  # type: ignore[no-untyped-def]
+            decision = real(**kw)
+            if not calls:
+                suppression_add(email="ada@example.com", reason=Suppression.Reason.COMPLAINT, source="test")
+            calls.append(kw)
+            return decision
+
+        with mock.patch("campaigns.delivery.send_decision", side_effect=decide_then_suppress):
+            result = messages_send_batch()
+        self.assertEqual(result.suppressed, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.SUPPRESSED)
+        self.assertEqual(self.sandbox.messages(), [])
+
+    def test_unsubscribe_does_not_stop_transactional_mail(self) -> None:
+        suppression_add(email="ada@example.com", reason=Suppression.Reason.UNSUBSCRIBE, source="test")
+        message = self.queued(transactional=True, purpose="receipts")
+        messages_send_batch()
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.SENT)
+
+    def test_rate_limited_send_is_retried_later_honouring_retry_after(self) -> None:
+        message = self.queued()
+        self.sandbox.set_faults(fail_429=1, retry_after=120)
+        result = messages_send_batch()
+        self.assertEqual(result.retrying, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.QUEUED)
+        self.assertGreaterEqual(message.send_after, timezone.now() + timedelta(seconds=115))
+        self.assertIn("429", message.last_error)
+        self.assertEqual(len(message.error_history), 1)
+        # Once due again it goes out.
+        Message.objects.filter(pk=message.pk).update(send_after=timezone.now())
+        messages_send_batch()
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.SENT)
+        self.assertEqual(message.attempts, 2)
+        self.assertEqual(len(self.sandbox.messages()), 1)
+
+    def test_server_errors_until_max_attempts_end_dead(self) -> None:
+        message = self.queued()
+        self.sandbox.set_faults(fail_500=10)
+        with override_settings(MAILAUTO={**self.settings_mailauto(), "RETRY_MAX_ATTEMPTS": 3}):
+            for _ in range(3):
+                Message.objects.filter(pk=message.pk).update(send_after=timezone.now())
+                messages_send_batch()
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.DEAD)
+        self.assertEqual(message.attempts, 3)
+        self.assertEqual(len(message.error_history), 3)
+
+    def settings_mailauto(self) -> dict:
+        from django.conf import settings
+
+        return dict(settings.MAILAUTO)
+
+    def test_inactive_recipient_fails_permanently_and_is_suppressed(self) -> None:
+        contact = factories.contact(email="inactive@example.com")
+        message = factories.message(self.version, contact, self.event)
+        result = messages_send_batch()
+        self.assertEqual(result.failed, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.FAILED)
+        self.assertTrue(Suppression.objects.filter(email="inactive@example.com", reason="invalid").exists())
+
+    def test_dropped_response_is_held_as_unknown_not_resent(self) -> None:
+        message = self.queued()
+        self.sandbox.set_faults(drop=1)
+        result = messages_send_batch()
+        self.assertEqual(result.unknown, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.UNKNOWN)
+        self.assertEqual(len(self.sandbox.messages()), 1)  # the ESP did take it
+        self.assertEqual(messages_send_batch().claimed, 0)  # and we do not send it again
+
+    def test_connection_refused_is_retryable(self) -> None:
+        message = self.queued()
+        dead_port = free_port()
+        with override_settings(ANYMAIL={**sandbox_anymail_settings(self.sandbox), "POSTMARK_API_URL": f"http://127.0.0.1:{dead_port}/"}):
+            result = messages_send_batch()
+        self.assertEqual(result.retrying, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.QUEUED)
+        self.assertIn("could not connect", message.status_reason)
+
+
+class LeaseAndReplayTests(SandboxTestCase):
+    def test_claimed_message_of_a_dead_worker_returns_to_the_queue(self) -> None:
+        message = self.queued(status=Message.Status.CLAIMED, locked_until=timezone.now() - timedelta(seconds=1))
+        self.assertEqual([m.pk for m in messages_claim(limit=5)], [message.pk])
+
+    def test_sending_message_of_a_dead_worker_becomes_unknown_then_is_resent_once(self) -> None:
+        message = self.queued(status=Message.Status.SENDING, locked_until=timezone.now() - timedelta(seconds=1))
+        self.assertEqual(messages_expire_leases(), 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.UNKNOWN)
+        self.assertEqual(messages_claim(limit=5), [])
+
+        Message.objects.filter(pk=message.pk).update(updated_at=timezone.now() - timedelta(days=2))
+        messages_resend_unknown()
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.QUEUED)
+        self.assertTrue(message.resent_after_unknown)
+
+        Message.objects.filter(pk=message.pk).update(
+            status=Message.Status.UNKNOWN, updated_at=timezone.now() - timedelta(days=2)
+        )
+        messages_resend_unknown()
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.DEAD)
+
+    def test_unknown_message_inside_the_grace_period_waits(self) -> None:
+        message = self.queued(status=Message.Status.UNKNOWN)
+        self.assertEqual(messages_resend_unknown(), 0)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.UNKNOWN)
+
+    def test_replay_never_requeues_a_message_the_esp_accepted(self) -> None:
+        dead = self.queued(status=Message.Status.DEAD)
+        accepted = self.queued(status=Message.Status.DEAD, esp_message_id="abc")
+        self.assertEqual(messages_replay(message_ids=[dead.pk, accepted.pk]), 1)
+        dead.refresh_from_db()
+        accepted.refresh_from_db()
+        self.assertEqual(dead.status, Message.Status.QUEUED)
+        self.assertEqual(accepted.status, Message.Status.DEAD)
+
+
+def _api_error(status: int, headers: dict | None = None) -> AnymailAPIError:
+    response = requests.Response()
+    response.status_code = status
+    response.headers.update(headers or {})
+    return AnymailAPIError("x", status_code=status, response=response)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (_api_error(429), ErrorKind.RETRYABLE),
+        (_api_error(500), ErrorKind.RETRYABLE),
+        (_api_error(503), ErrorKind.RETRYABLE),
+        (_api_error(401), ErrorKind.RETRYABLE),
+        (_api_error(422), ErrorKind.PERMANENT),
+        (_api_error(400), ErrorKind.PERMANENT),
+        (AnymailRecipientsRefused(), ErrorKind.PERMANENT),
+        (RuntimeError("bug after the request"), ErrorKind.AMBIGUOUS),
+    ],
+)
+def test_error_table(exc: BaseException, kind: str) -> None:
+    assert classify_send_error(exc).kind == kind
+
+
+def test_retry_after_is_read_from_the_response() -> None:
+    assert classify_send_error(_api_error(429, {"Retry-After": "30"})).retry_after == 30.0
+
+
+def test_read_timeout_is_ambiguous() -> None:
+    try:
+        raise AnymailAPIError("post failed") from requests.ReadTimeout("read timed out")
+    except AnymailAPIError as exc:
+        assert classify_send_error(exc).kind == ErrorKind.AMBIGUOUS

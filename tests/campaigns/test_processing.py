@@ -1,0 +1,204 @@
+"""Event processing: claims, automation matching, idempotent Message creation."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from unittest import mock
+
+from django.db import connection
+from django.test import TestCase, TransactionTestCase, override_settings
+from django.utils import timezone
+
+from campaigns.models import Message, OutboxEvent
+from campaigns.processing import event_fail, events_claim, events_process_batch, events_replay
+from suppression.services import suppression_add
+from tests import factories
+
+
+class ProcessingTests(TestCase):
+    @classmethod
+    def setUpTestData(cls) -> None:
+        cls.type = factories.event_type()
+        cls.contact = factories.contact(user_id="u-1", email="ada@example.com", country="NL")
+
+    def setUp(self) -> None:
+        patcher = mock.patch("campaigns.tasks.messages_send.apply_async")
+        self.nudge = patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_matching_automation_creates_one_queued_message_pinned_to_the_version(self) -> None:
+        version = factories.published_version()
+        automation = factories.automation(self.type, version)
+        event = factories.outbox_event(self.type, "u-1")
+        with self.captureOnCommitCallbacks(execute=True):
+            result = events_process_batch()
+        self.assertEqual((result.claimed, result.processed, result.messages), (1, 1, 1))
+        message = Message.objects.get()
+        self.assertEqual(message.status, Message.Status.QUEUED)
+        self.assertEqual(message.template_version, version)
+        self.assertEqual(message.automation, automation)
+        self.assertEqual(message.to_email, "ada@example.com")
+        self.assertEqual(message.idempotency_key, f"{event.event_id}:{automation.pk}")
+        event.refresh_from_db()
+        self.assertEqual(event.status, OutboxEvent.Status.PROCESSED)
+        self.assertIn("queued", event.result)
+        self.nudge.assert_called_once()
+
+    def test_conditions_on_payload_and_contact_decide(self) -> None:
+        factories.automation(self.type, conditions={"field": "payload.plan", "op": "eq", "value": "pro"}, name="pro")
+        factories.automation(self.type, conditions={"field": "contact.country", "op": "in", "value": ["US"]}, name="us")
+        factories.outbox_event(self.type, "u-1", {"plan": "pro"})
+        events_process_batch()
+        self.assertEqual(list(Message.objects.values_list("automation__name", flat=True)), ["pro"])
+        self.assertIn("us: conditions not met", OutboxEvent.objects.get().result)
+
+    def test_inactive_automation_is_ignored(self) -> None:
+        factories.automation(self.type, active=False)
+        factories.outbox_event(self.type, "u-1")
+        events_process_batch()
+        self.assertFalse(Message.objects.exists())
+        self.assertEqual(OutboxEvent.objects.get().result, "no active automation for this event type")
+
+    def test_unknown_contact_is_processed_with_a_reason(self) -> None:
+        factories.automation(self.type)
+        factories.outbox_event(self.type, "nobody")
+        events_process_batch()
+        event = OutboxEvent.objects.get()
+        self.assertEqual(event.status, OutboxEvent.Status.PROCESSED)
+        self.assertIn("no contact with user_id 'nobody'", event.result)
+
+    def test_latest_published_version_is_used_unless_pinned(self) -> None:
+        v1 = factories.published_version()
+        v2 = v1.template.versions.create(
+            number=2, status="published", published_at=timezone.now(), subject="v2", html="<p>v2</p>"
+        )
+        v1.template.versions.create(number=3, status="draft", subject="draft", html="<p>draft</p>")
+        factories.automation(self.type, v1, name="latest")
+        factories.automation(self.type, v1, name="pinned", pinned_version=v1)
+        factories.outbox_event(self.type, "u-1")
+        events_process_batch()
+        used = dict(Message.objects.values_list("automation__name", "template_version"))
+        self.assertEqual(used, {"latest": v2.pk, "pinned": v1.pk})
+
+    def test_suppressed_address_gets_a_suppressed_message_with_the_reason(self) -> None:
+        factories.automation(self.type)
+        suppression_add(email="ADA@example.com", reason="complaint", source="test")
+        factories.outbox_event(self.type, "u-1")
+        events_process_batch()
+        message = Message.objects.get()
+        self.assertEqual(message.status, Message.Status.SUPPRESSED)
+        self.assertIn("spam complaint", message.status_reason)
+        self.nudge.assert_not_called()
+
+    def test_delay_sets_send_after_from_the_event_time(self) -> None:
+        factories.automation(self.type, delay=timedelta(days=1))
+        occurred = timezone.now()
+        factories.outbox_event(self.type, "u-1", occurred_at=occurred)
+        events_process_batch()
+        self.assertEqual(Message.objects.get().send_after, occurred + timedelta(days=1))
+
+    def test_processing_an_event_twice_creates_no_second_message(self) -> None:
+        factories.automation(self.type)
+        event = factories.outbox_event(self.type, "u-1")
+        events_process_batch()
+        OutboxEvent.objects.filter(pk=event.pk).update(status=OutboxEvent.Status.PENDING)
+        result = events_process_batch()
+        self.assertEqual(result.processed, 1)
+        self.assertEqual(Message.objects.count(), 1)
+
+    def test_a_failing_event_is_retried_then_dead_and_does_not_stop_the_batch(self) -> None:
+        factories.automation(self.type)
+        bad = factories.outbox_event(self.type, "u-1")
+        good = factories.outbox_event(self.type, "u-1")
+        real = __import__("campaigns.processing", fromlist=["event_process"]).event_process
+
+        def flaky(*, event, automations):  # type: ignore[no-untyped-def]
+            if event.pk == bad.pk:
+                raise RuntimeError("database hiccup")
+            return real(event=event, automations=automations)
+
+        with mock.patch("campaigns.processing.event_process", side_effect=flaky):
+            result = events_process_batch()
+        self.assertEqual((result.processed, result.failed), (1, 1))
+        bad.refresh_from_db()
+        good.refresh_from_db()
+        self.assertEqual(good.status, OutboxEvent.Status.PROCESSED)
+        self.assertEqual(bad.status, OutboxEvent.Status.RETRYING)
+        self.assertIn("database hiccup", bad.last_error)
+        self.assertGreater(bad.available_at, timezone.now())
+
+        with override_settings(MAILAUTO={**self.settings_mailauto(), "EVENT_MAX_ATTEMPTS": 2}):
+            OutboxEvent.objects.filter(pk=bad.pk).update(available_at=timezone.now())
+            with mock.patch("campaigns.processing.event_process", side_effect=flaky):
+                events_process_batch()
+        bad.refresh_from_db()
+        self.assertEqual(bad.status, OutboxEvent.Status.DEAD)
+        self.assertEqual(len(bad.error_history), 2)
+
+    def settings_mailauto(self) -> dict:
+        from django.conf import settings
+
+        return dict(settings.MAILAUTO)
+
+    def test_replay_puts_dead_events_back(self) -> None:
+        event = factories.outbox_event(self.type, "u-1", status=OutboxEvent.Status.DEAD, attempts=5)
+        self.assertEqual(events_replay(event_ids=[event.pk]), 1)
+        event.refresh_from_db()
+        self.assertEqual((event.status, event.attempts), (OutboxEvent.Status.PENDING, 0))
+
+    def test_expired_lease_makes_an_event_claimable_again(self) -> None:
+        event = factories.outbox_event(
+            self.type,
+            "u-1",
+            status=OutboxEvent.Status.PROCESSING,
+            locked_until=timezone.now() - timedelta(seconds=1),
+        )
+        fresh = factories.outbox_event(
+            self.type,
+            "u-1",
+            status=OutboxEvent.Status.PROCESSING,
+            locked_until=timezone.now() + timedelta(minutes=5),
+        )
+        claimed = [e.pk for e in events_claim(limit=10)]
+        self.assertEqual(claimed, [event.pk])
+        self.assertNotIn(fresh.pk, claimed)
+
+    def test_event_fail_counts_claims(self) -> None:
+        event = factories.outbox_event(self.type, "u-1")
+        [claimed] = events_claim(limit=1)
+        self.assertEqual(claimed.attempts, 1)
+        event_fail(event=claimed, error="x")
+        event.refresh_from_db()
+        self.assertEqual(event.attempts, 1)
+        self.assertEqual(event.status, OutboxEvent.Status.RETRYING)
+
+
+class ConcurrentClaimTests(TransactionTestCase):
+    """Several workers claiming at once take disjoint batches (real Postgres row locks)."""
+
+    def test_parallel_claims_never_take_the_same_event(self) -> None:
+        type_ = factories.event_type()
+        for n in range(200):
+            factories.outbox_event(type_, f"u-{n}")
+        claimed: list[list[int]] = []
+        barrier = threading.Barrier(4)
+
+        def worker() -> None:
+            try:
+                barrier.wait()
+                mine: list[int] = []
+                while batch := events_claim(limit=7):
+                    mine.extend(e.pk for e in batch)
+                claimed.append(mine)
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        all_ids = [pk for mine in claimed for pk in mine]
+        self.assertEqual(len(all_ids), 200)
+        self.assertEqual(len(set(all_ids)), 200)
