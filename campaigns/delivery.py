@@ -71,7 +71,9 @@ def classify_send_error(exc: BaseException) -> SendError:
     anymail/backends/base_requests.py, post_to_esp).
     """
     if isinstance(exc, AnymailRecipientsRefused):
-        return SendError(ErrorKind.PERMANENT, "recipient refused by the ESP (invalid or inactive)", suppress_recipient=True)
+        return SendError(
+            ErrorKind.PERMANENT, "recipient refused by the ESP (invalid or inactive)", suppress_recipient=True
+        )
     if isinstance(exc, AnymailInvalidAddress):
         return SendError(ErrorKind.PERMANENT, "invalid address", suppress_recipient=True)
     if isinstance(exc, AnymailSerializationError | AnymailUnsupportedFeature):
@@ -105,7 +107,9 @@ def classify_send_error(exc: BaseException) -> SendError:
     if isinstance(cause, requests.RequestException):
         # Read timeout, connection reset or closed after the request was written: the
         # ESP may have accepted the message. Resending could duplicate it.
-        return SendError(ErrorKind.AMBIGUOUS, f"no answer from the ESP after sending ({type(cause).__name__})")
+        return SendError(
+            ErrorKind.AMBIGUOUS, f"no answer from the ESP after sending ({type(cause).__name__})"
+        )
     if isinstance(exc, AnymailError):
         # An Anymail error without a status: an unparseable answer to a request that
         # did reach the ESP.
@@ -157,7 +161,9 @@ def _options() -> dict:
 def claimable_messages_q(now) -> Q:  # type: ignore[no-untyped-def]
     """Due queued messages, and claimed ones whose worker died before handing them to
     the ESP (CLAIMED is before the HTTP request, so retaking them is safe)."""
-    return Q(status=Message.Status.QUEUED, send_after__lte=now) | Q(status=Message.Status.CLAIMED, locked_until__lt=now)
+    return Q(status=Message.Status.QUEUED, send_after__lte=now) | Q(
+        status=Message.Status.CLAIMED, locked_until__lt=now
+    )
 
 
 def messages_claim(*, limit: int) -> list[Message]:
@@ -238,16 +244,28 @@ def message_render(*, message: Message) -> RenderedEmail:
 
 def message_send(*, message: Message, connection: object) -> str:
     """Send one claimed message. Returns the name of the outcome (a SendBatchResult field)."""
-    decision = send_decision(email=message.to_email, purpose=message.purpose, transactional=message.transactional)
+    decision = send_decision(
+        email=message.to_email, purpose=message.purpose, transactional=message.transactional
+    )
     if not decision.allowed:
-        _finish(message, status=Message.Status.SUPPRESSED, reason=decision.reason, from_status=Message.Status.CLAIMED)
+        _finish(
+            message,
+            status=Message.Status.SUPPRESSED,
+            reason=decision.reason,
+            from_status=Message.Status.CLAIMED,
+        )
         return "suppressed"
 
     try:
         rendered = message_render(message=message)
     except Exception as err:
         logger.exception("rendering failed", extra={"message_id": message.pk})
-        _finish(message, status=Message.Status.FAILED, reason="rendering failed", error=f"{type(err).__name__}: {err}")
+        _finish(
+            message,
+            status=Message.Status.FAILED,
+            reason="rendering failed",
+            error=f"{type(err).__name__}: {err}",
+        )
         return "failed"
 
     # The hand-off point. Committed before the request leaves, and guarded so that a
@@ -265,9 +283,16 @@ def message_send(*, message: Message, connection: object) -> str:
         )
     )
     if not handed_off:
-        decision = send_decision(email=message.to_email, purpose=message.purpose, transactional=message.transactional)
+        decision = send_decision(
+            email=message.to_email, purpose=message.purpose, transactional=message.transactional
+        )
         if not decision.allowed:
-            _finish(message, status=Message.Status.SUPPRESSED, reason=decision.reason, from_status=Message.Status.CLAIMED)
+            _finish(
+                message,
+                status=Message.Status.SUPPRESSED,
+                reason=decision.reason,
+                from_status=Message.Status.CLAIMED,
+            )
             return "suppressed"
         return "retrying"  # someone else holds it now (our lease expired); not ours to send
     message.attempts += 1
@@ -294,7 +319,9 @@ def message_send(*, message: Message, connection: object) -> str:
         # A tracking webhook may already have advanced the message (the ESP can be
         # faster than this UPDATE); never move it backwards.
         status=Case(
-            When(status__in=[Message.Status.SENDING, Message.Status.UNKNOWN], then=Value(Message.Status.SENT)),
+            When(
+                status__in=[Message.Status.SENDING, Message.Status.UNKNOWN], then=Value(Message.Status.SENT)
+            ),
             default=F("status"),
         ),
         esp_message_id=esp_id,
@@ -320,10 +347,22 @@ def _record_failure(message: Message, error: SendError, exc: BaseException) -> s
     detail = f"{error.reason}: {type(exc).__name__}: {str(exc)[:500]}"
     logger.warning("send failed (%s)", error.kind, extra={"message_id": message.pk, "reason": error.reason})
     if error.kind == ErrorKind.AMBIGUOUS:
-        _finish(message, status=Message.Status.UNKNOWN, reason=error.reason, error=detail, from_status=Message.Status.SENDING)
+        _finish(
+            message,
+            status=Message.Status.UNKNOWN,
+            reason=error.reason,
+            error=detail,
+            from_status=Message.Status.SENDING,
+        )
         return "unknown"
     if error.kind == ErrorKind.PERMANENT:
-        _finish(message, status=Message.Status.FAILED, reason=error.reason, error=detail, from_status=Message.Status.SENDING)
+        _finish(
+            message,
+            status=Message.Status.FAILED,
+            reason=error.reason,
+            error=detail,
+            from_status=Message.Status.SENDING,
+        )
         if error.suppress_recipient:
             suppression_add(
                 email=message.to_email,
@@ -369,7 +408,12 @@ def _finish(
     send_after=None,  # type: ignore[no-untyped-def]
 ) -> None:
     now = timezone.now()
-    fields: dict[str, object] = {"status": status, "status_reason": reason[:255], "locked_until": None, "updated_at": now}
+    fields: dict[str, object] = {
+        "status": status,
+        "status_reason": reason[:255],
+        "locked_until": None,
+        "updated_at": now,
+    }
     if error:
         history = [
             *message.error_history,

@@ -127,7 +127,9 @@ def identify(
     try:
         validate_email(email)
     except ValidationError:
-        raise InvalidContact(f"{email!r} is not a valid email address", errors={"email": "invalid email address"}) from None
+        raise InvalidContact(
+            f"{email!r} is not a valid email address", errors={"email": "invalid email address"}
+        ) from None
     attrs = _clean_json_object(attributes or {}, "attributes", InvalidContact)
 
     with transaction.atomic():
@@ -186,7 +188,9 @@ def _build_event(
 
     when = _clean_occurred_at(occurred_at)
     if when is None:
-        errors[f"{prefix}occurred_at"] = "must be a timezone-aware datetime or an ISO 8601 string with an offset"
+        errors[f"{prefix}occurred_at"] = (
+            "must be a timezone-aware datetime or an ISO 8601 string with an offset"
+        )
 
     if source is not None and len(str(source)) > 100:
         errors[f"{prefix}source"] = "must be at most 100 characters"
@@ -225,7 +229,9 @@ def _event_type(name: str, cache: dict[str, EventType]) -> EventType | None:
 
 def _clean_user_id(user_id: object, error: type[InvalidInput]) -> str:
     if isinstance(user_id, bool) or not isinstance(user_id, str | int):
-        raise error("user_id must be a string or an integer", errors={"user_id": "must be a string or an integer"})
+        raise error(
+            "user_id must be a string or an integer", errors={"user_id": "must be a string or an integer"}
+        )
     value = str(user_id).strip()
     if not value or len(value) > MAX_ID_LENGTH:
         message = f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"
@@ -252,18 +258,25 @@ def _clean_json_object(value: object, name: str, error: type[InvalidInput]) -> d
     try:
         return json.loads(json.dumps(dict(value), allow_nan=False))
     except (TypeError, ValueError) as err:
-        raise error(f"{name} must be JSON-serialisable: {err}", errors={name: f"not JSON-serialisable: {err}"}) from None
+        raise error(
+            f"{name} must be JSON-serialisable: {err}", errors={name: f"not JSON-serialisable: {err}"}
+        ) from None
 
 
 def _spec_from_mapping(item: Mapping[str, Any], index: int) -> EventSpec:
     if not isinstance(item, Mapping):
-        raise InvalidEvent(f"events[{index}] must be an object", errors={f"events[{index}]": "must be an object"})
+        raise InvalidEvent(
+            f"events[{index}] must be an object", errors={f"events[{index}]": "must be an object"}
+        )
     unknown = set(item) - {"event_type", "user_id", "payload", "event_id", "occurred_at", "source"}
     if unknown:
         names = ", ".join(sorted(unknown))
-        raise InvalidEvent(f"events[{index}]: unknown keys {names}", errors={f"events[{index}]": f"unknown keys: {names}"})
+        raise InvalidEvent(
+            f"events[{index}]: unknown keys {names}", errors={f"events[{index}]": f"unknown keys: {names}"}
+        )
+    # Types are not checked here: _build_event validates every field and names it.
     return EventSpec(
-        event_type=item.get("event_type"),  # type: ignore[arg-type]  (validated in _build_event)
+        event_type=item.get("event_type"),  # type: ignore[arg-type]
         user_id=item.get("user_id"),  # type: ignore[arg-type]
         payload=item.get("payload", {}),
         event_id=item.get("event_id"),
@@ -286,7 +299,10 @@ def _nudge_after_commit(using: str = DEFAULT_DB_ALIAS) -> None:
     inside one atomic block must not publish thousands of broker messages.
     """
     connection = connections[using]
-    if connection.in_atomic_block and any(func is nudge_event_workers for _, func, _ in connection.run_on_commit):
+    # run_on_commit holds (savepoint ids, callback, robust) tuples.
+    if connection.in_atomic_block and any(
+        entry[1] is nudge_event_workers for entry in connection.run_on_commit
+    ):
         return
     transaction.on_commit(nudge_event_workers, using=using)
 
@@ -301,4 +317,6 @@ def nudge_event_workers() -> None:
         # retries. The beat sweeper picks the event up later; the row is the truth.
         events_process.apply_async(retry=False)
     except Exception:
-        logger.warning("could not nudge the event workers; the sweeper will pick the events up", exc_info=True)
+        logger.warning(
+            "could not nudge the event workers; the sweeper will pick the events up", exc_info=True
+        )

@@ -212,7 +212,9 @@ class Automation(models.Model):
         related_name="+",
         help_text="Leave empty to use the latest published version at the time each event is processed.",
     )
-    delay = models.DurationField(default=timedelta(0), blank=True, help_text="Wait this long after the event.")
+    delay = models.DurationField(
+        default=timedelta(0), blank=True, help_text="Wait this long after the event."
+    )
     purpose = models.CharField(
         max_length=100,
         default="marketing",
@@ -286,9 +288,15 @@ class Message(models.Model):
     IN_PROGRESS = (Status.QUEUED, Status.CLAIMED, Status.SENDING, Status.UNKNOWN)
 
     idempotency_key = models.CharField(max_length=300, unique=True)
-    event = models.ForeignKey(OutboxEvent, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages")
-    automation = models.ForeignKey(Automation, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages")
-    contact = models.ForeignKey(Contact, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages")
+    event = models.ForeignKey(
+        OutboxEvent, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages"
+    )
+    automation = models.ForeignKey(
+        Automation, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages"
+    )
+    contact = models.ForeignKey(
+        Contact, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages"
+    )
     to_email = models.EmailField(max_length=254)
     template_version = models.ForeignKey(TemplateVersion, on_delete=models.PROTECT, related_name="messages")
     purpose = models.CharField(max_length=100)

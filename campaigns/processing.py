@@ -152,7 +152,9 @@ def event_process(*, event: OutboxEvent, automations: list[Automation]) -> list[
                     versions[automation.template_id] = automation.template.latest_published()
                 version = versions[automation.template_id]
             if version is None:
-                outcome.append(f"{automation.name}: template {automation.template.name!r} has no published version")
+                outcome.append(
+                    f"{automation.name}: template {automation.template.name!r} has no published version"
+                )
                 continue
             decision = send_decision(
                 email=contact.email, purpose=automation.purpose, transactional=automation.is_transactional

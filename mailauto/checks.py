@@ -73,7 +73,9 @@ def check_mailauto_options(app_configs: Any, **kwargs: Any) -> list:
     ]
     for name in positive:
         if not options[name] > 0:
-            errors.append(Error(f"MAILAUTO[{name!r}] must be positive, not {options[name]!r}.", id="mailauto.E003"))
+            errors.append(
+                Error(f"MAILAUTO[{name!r}] must be positive, not {options[name]!r}.", id="mailauto.E003")
+            )
     if options["SUPPRESSION_STORAGE"] not in ("database", "redis"):
         errors.append(
             Error(
@@ -88,10 +90,16 @@ def check_mailauto_options(app_configs: Any, **kwargs: Any) -> list:
 def check_production_secrets(app_configs: Any, **kwargs: Any) -> list:
     errors = []
     if settings.SECRET_KEY == DEV_SECRET_KEY:
-        errors.append(Error("SECRET_KEY is the development default.", hint="Set SECRET_KEY.", id="mailauto.E010"))
+        errors.append(
+            Error("SECRET_KEY is the development default.", hint="Set SECRET_KEY.", id="mailauto.E010")
+        )
     if settings.ANYMAIL.get("WEBHOOK_SECRET") == SANDBOX_WEBHOOK_SECRET:
         errors.append(
-            Error("The webhook secret is the sandbox default.", hint="Set MAILAUTO_WEBHOOK_SECRET.", id="mailauto.E011")
+            Error(
+                "The webhook secret is the sandbox default.",
+                hint="Set MAILAUTO_WEBHOOK_SECRET.",
+                id="mailauto.E011",
+            )
         )
     if any(value == SANDBOX_TOKEN for value in settings.ANYMAIL.values()):
         errors.append(

@@ -164,7 +164,9 @@ for _key in [k for k in os.environ if k.startswith("ANYMAIL_") and k.endswith("_
 if ESP_NAME == "postmark" and "POSTMARK_SERVER_TOKEN" not in ANYMAIL:
     ANYMAIL["POSTMARK_SERVER_TOKEN"] = "sandbox-server-token"
     ANYMAIL.setdefault("POSTMARK_API_URL", f"http://127.0.0.1:{ESP_SANDBOX_PORT}/")
-ANYMAIL.setdefault("WEBHOOK_SECRET", env_secret("MAILAUTO_WEBHOOK_SECRET") or "sandbox:sandbox-webhook-secret")
+ANYMAIL.setdefault(
+    "WEBHOOK_SECRET", env_secret("MAILAUTO_WEBHOOK_SECRET") or "sandbox:sandbox-webhook-secret"
+)
 ANYMAIL.setdefault("REQUESTS_TIMEOUT", (3.05, env.float("MAILAUTO_ESP_TIMEOUT", default=10.0)))
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="mailauto demo <hello@mailauto.test>")
 

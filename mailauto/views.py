@@ -39,4 +39,6 @@ def health(request: HttpRequest) -> JsonResponse:
         except Exception as err:
             healthy = False
             checks[name] = f"error: {type(err).__name__}: {err}"[:300]
-    return JsonResponse({"status": "ok" if healthy else "unhealthy", "checks": checks}, status=200 if healthy else 503)
+    return JsonResponse(
+        {"status": "ok" if healthy else "unhealthy", "checks": checks}, status=200 if healthy else 503
+    )

@@ -22,13 +22,17 @@ class Suppression(models.Model):
     # unsubscribe, which only ever covers marketing topics).
     topic = models.CharField(max_length=100, blank=True)
     reason = models.CharField(max_length=20, choices=Reason.choices)
-    source = models.CharField(max_length=100, help_text="Who or what suppressed it: 'webhook:postmark', a username…")
+    source = models.CharField(
+        max_length=100, help_text="Who or what suppressed it: 'webhook:postmark', a username…"
+    )
     detail = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["-created_at"]
-        constraints = [models.UniqueConstraint(fields=["email", "topic"], name="suppression_email_topic_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["email", "topic"], name="suppression_email_topic_unique")
+        ]
 
     def __str__(self) -> str:
         return f"{self.email} ({self.get_reason_display()})"
@@ -51,3 +55,6 @@ class SuppressionLogEntry(models.Model):
     class Meta:
         ordering = ["-created_at"]
         verbose_name_plural = "suppression log"
+
+    def __str__(self) -> str:
+        return f"{self.email} {self.action} ({self.reason})"

@@ -12,7 +12,9 @@ def normalize_email(email: str) -> str:
 
 
 @transaction.atomic
-def suppression_add(*, email: str, reason: str, source: str, topic: str = "", detail: str = "") -> Suppression:
+def suppression_add(
+    *, email: str, reason: str, source: str, topic: str = "", detail: str = ""
+) -> Suppression:
     """Suppress an address (idempotent: an existing entry keeps its first reason)."""
     email = normalize_email(email)
     suppression, created = Suppression.objects.get_or_create(

@@ -7,7 +7,15 @@ from typing import Any
 
 from django.utils import timezone
 
-from campaigns.models import Automation, Contact, EmailTemplate, EventType, Message, OutboxEvent, TemplateVersion
+from campaigns.models import (
+    Automation,
+    Contact,
+    EmailTemplate,
+    EventType,
+    Message,
+    OutboxEvent,
+    TemplateVersion,
+)
 
 _seq = itertools.count(1)
 
@@ -60,10 +68,14 @@ def automation(trigger: EventType, version: TemplateVersion | None = None, **kw:
 def outbox_event(type_: EventType, user_id: str, payload: dict | None = None, **kw: Any) -> OutboxEvent:
     kw.setdefault("event_id", f"evt-{next(_seq)}")
     kw.setdefault("occurred_at", timezone.now())
-    return OutboxEvent.objects.create(event_type=type_, user_id=user_id, payload=payload or {"plan": "pro"}, **kw)
+    return OutboxEvent.objects.create(
+        event_type=type_, user_id=user_id, payload=payload or {"plan": "pro"}, **kw
+    )
 
 
-def message(version: TemplateVersion, to_contact: Contact, event: OutboxEvent | None = None, **kw: Any) -> Message:
+def message(
+    version: TemplateVersion, to_contact: Contact, event: OutboxEvent | None = None, **kw: Any
+) -> Message:
     kw.setdefault("idempotency_key", f"key-{next(_seq)}")
     kw.setdefault("purpose", "marketing")
     return Message.objects.create(

@@ -50,10 +50,14 @@ class PipelineEndToEndTests(TransactionTestCase):
 
     def test_n_events_become_exactly_n_emails_each_rendered_for_its_contact(self) -> None:
         for n in range(N):
-            campaigns.identify(f"u-{n}", email=f"person{n}@example.com", attributes={"first_name": f"Name{n}"})
+            campaigns.identify(
+                f"u-{n}", email=f"person{n}@example.com", attributes={"first_name": f"Name{n}"}
+            )
         with transaction.atomic():
             for n in range(N):
-                campaigns.emit("user.signed_up", f"u-{n}", {"plan": "pro" if n % 2 else "free"}, event_id=f"e-{n}")
+                campaigns.emit(
+                    "user.signed_up", f"u-{n}", {"plan": "pro" if n % 2 else "free"}, event_id=f"e-{n}"
+                )
             # A retried emit of an event already emitted is the same event.
             campaigns.emit("user.signed_up", "u-0", {"plan": "free"}, event_id="e-0")
 

@@ -87,7 +87,9 @@ class SendTests(SandboxTestCase):
         self.assertNotIn("4242", accepted["text"])
 
     def test_declared_sensitive_field_is_rendered(self) -> None:
-        version = factories.published_version(html="<p>Card {{ payload.card_last4 }}</p>", declared=["card_last4"])
+        version = factories.published_version(
+            html="<p>Card {{ payload.card_last4 }}</p>", declared=["card_last4"]
+        )
         factories.message(version, self.contact, self.event)
         messages_send_batch()
         self.assertIn("Card 4242", self.sandbox.messages()[0]["html"])
@@ -193,7 +195,12 @@ class SendTests(SandboxTestCase):
     def test_connection_refused_is_retryable(self) -> None:
         message = self.queued()
         dead_port = free_port()
-        with override_settings(ANYMAIL={**sandbox_anymail_settings(self.sandbox), "POSTMARK_API_URL": f"http://127.0.0.1:{dead_port}/"}):
+        with override_settings(
+            ANYMAIL={
+                **sandbox_anymail_settings(self.sandbox),
+                "POSTMARK_API_URL": f"http://127.0.0.1:{dead_port}/",
+            }
+        ):
             result = messages_send_batch()
         self.assertEqual(result.retrying, 1)
         message.refresh_from_db()
@@ -203,11 +210,15 @@ class SendTests(SandboxTestCase):
 
 class LeaseAndReplayTests(SandboxTestCase):
     def test_claimed_message_of_a_dead_worker_returns_to_the_queue(self) -> None:
-        message = self.queued(status=Message.Status.CLAIMED, locked_until=timezone.now() - timedelta(seconds=1))
+        message = self.queued(
+            status=Message.Status.CLAIMED, locked_until=timezone.now() - timedelta(seconds=1)
+        )
         self.assertEqual([m.pk for m in messages_claim(limit=5)], [message.pk])
 
     def test_sending_message_of_a_dead_worker_becomes_unknown_then_is_resent_once(self) -> None:
-        message = self.queued(status=Message.Status.SENDING, locked_until=timezone.now() - timedelta(seconds=1))
+        message = self.queued(
+            status=Message.Status.SENDING, locked_until=timezone.now() - timedelta(seconds=1)
+        )
         self.assertEqual(messages_expire_leases(), 1)
         message.refresh_from_db()
         self.assertEqual(message.status, Message.Status.UNKNOWN)

@@ -68,7 +68,9 @@ class EmitTests(TestCase):
         self.assertEqual(set(ctx.exception.errors), {"user_id", "occurred_at"})
 
     def test_occurred_at_accepts_iso_strings(self) -> None:
-        event_id = campaigns.emit("user.signed_up", 42, {"plan": "pro"}, occurred_at="2026-11-01T10:00:00+00:00")
+        event_id = campaigns.emit(
+            "user.signed_up", 42, {"plan": "pro"}, occurred_at="2026-11-01T10:00:00+00:00"
+        )
         event = OutboxEvent.objects.get(event_id=event_id)
         self.assertEqual(event.occurred_at, datetime(2026, 11, 1, 10, tzinfo=UTC))
         self.assertEqual(event.user_id, "42")
@@ -83,18 +85,25 @@ class EmitTests(TestCase):
         self.assertFalse(OutboxEvent.objects.filter(event_id="rolled-back").exists())
 
     def test_emit_nudges_workers_once_per_transaction_after_commit(self) -> None:
-        with mock.patch("campaigns.tasks.events_process.apply_async") as apply_async:
-            with self.captureOnCommitCallbacks(execute=True) as callbacks, transaction.atomic():
-                for n in range(5):
-                    campaigns.emit("user.signed_up", f"u-{n}", {"plan": "pro"})
-                apply_async.assert_not_called()  # not before commit
+        with (
+            mock.patch("campaigns.tasks.events_process.apply_async") as apply_async,
+            self.captureOnCommitCallbacks(execute=True) as callbacks,
+            transaction.atomic(),
+        ):
+            for n in range(5):
+                campaigns.emit("user.signed_up", f"u-{n}", {"plan": "pro"})
+            apply_async.assert_not_called()  # not before commit
         self.assertEqual(len(callbacks), 1)
         apply_async.assert_called_once_with(retry=False)
 
     def test_emit_succeeds_when_the_broker_is_down(self) -> None:
-        with mock.patch("campaigns.tasks.events_process.apply_async", side_effect=ConnectionError("broker down")):
-            with self.captureOnCommitCallbacks(execute=True):
-                event_id = campaigns.emit("user.signed_up", "u-1", {"plan": "pro"})
+        with (
+            mock.patch(
+                "campaigns.tasks.events_process.apply_async", side_effect=ConnectionError("broker down")
+            ),
+            self.captureOnCommitCallbacks(execute=True),
+        ):
+            event_id = campaigns.emit("user.signed_up", "u-1", {"plan": "pro"})
         self.assertTrue(OutboxEvent.objects.filter(event_id=event_id).exists())
 
 
@@ -107,7 +116,12 @@ class EmitManyTests(TestCase):
         ids = campaigns.emit_many(
             [
                 EventSpec(event_type="user.signed_up", user_id="a", payload={"plan": "pro"}),
-                {"event_type": "user.signed_up", "user_id": "b", "payload": {"plan": "free"}, "event_id": "b-1"},
+                {
+                    "event_type": "user.signed_up",
+                    "user_id": "b",
+                    "payload": {"plan": "free"},
+                    "event_id": "b-1",
+                },
             ],
             source="import",
         )
@@ -129,14 +143,18 @@ class EmitManyTests(TestCase):
 
     def test_unknown_keys_in_a_mapping_are_rejected(self) -> None:
         with self.assertRaises(campaigns.InvalidEvent) as ctx:
-            campaigns.emit_many([{"event_type": "user.signed_up", "user_id": "a", "payload": {"plan": "pro"}, "typo": 1}])
+            campaigns.emit_many(
+                [{"event_type": "user.signed_up", "user_id": "a", "payload": {"plan": "pro"}, "typo": 1}]
+            )
         self.assertIn("events[0]", ctx.exception.errors)
 
 
 class IdentifyTests(TestCase):
     def test_identify_creates_then_merges_attributes(self) -> None:
         campaigns.identify("u-1", email="ada@example.com", attributes={"first_name": "Ada", "plan": "free"})
-        contact = campaigns.identify("u-1", email="ada@new.example.com", attributes={"plan": "pro", "first_name": None})
+        contact = campaigns.identify(
+            "u-1", email="ada@new.example.com", attributes={"plan": "pro", "first_name": None}
+        )
         contact.refresh_from_db()
         self.assertEqual(contact.email, "ada@new.example.com")
         self.assertEqual(contact.attributes, {"plan": "pro"})
@@ -144,7 +162,9 @@ class IdentifyTests(TestCase):
 
     def test_identify_can_replace_attributes(self) -> None:
         campaigns.identify("u-1", email="ada@example.com", attributes={"a": 1, "b": 2})
-        contact = campaigns.identify("u-1", email="ada@example.com", attributes={"c": 3}, replace_attributes=True)
+        contact = campaigns.identify(
+            "u-1", email="ada@example.com", attributes={"c": 3}, replace_attributes=True
+        )
         self.assertEqual(contact.attributes, {"c": 3})
 
     def test_invalid_email_is_rejected_and_nothing_written(self) -> None:

@@ -46,8 +46,12 @@ class ProcessingTests(TestCase):
         self.nudge.assert_called_once()
 
     def test_conditions_on_payload_and_contact_decide(self) -> None:
-        factories.automation(self.type, conditions={"field": "payload.plan", "op": "eq", "value": "pro"}, name="pro")
-        factories.automation(self.type, conditions={"field": "contact.country", "op": "in", "value": ["US"]}, name="us")
+        factories.automation(
+            self.type, conditions={"field": "payload.plan", "op": "eq", "value": "pro"}, name="pro"
+        )
+        factories.automation(
+            self.type, conditions={"field": "contact.country", "op": "in", "value": ["US"]}, name="us"
+        )
         factories.outbox_event(self.type, "u-1", {"plan": "pro"})
         events_process_batch()
         self.assertEqual(list(Message.objects.values_list("automation__name", flat=True)), ["pro"])

@@ -32,7 +32,9 @@ class EventsApiTests(TestCase):
 
     def test_one_event_is_accepted_with_202(self) -> None:
         with self.captureOnCommitCallbacks(execute=True):
-            response = self.post({"event_type": "user.signed_up", "user_id": "u-1", "payload": {"plan": "pro"}})
+            response = self.post(
+                {"event_type": "user.signed_up", "user_id": "u-1", "payload": {"plan": "pro"}}
+            )
         self.assertEqual(response.status_code, 202)
         event = OutboxEvent.objects.get(event_id=response.json()["event_id"])
         self.assertEqual(event.source, "billing")
@@ -41,8 +43,18 @@ class EventsApiTests(TestCase):
     def test_a_list_of_events_is_accepted(self) -> None:
         response = self.post(
             [
-                {"event_type": "user.signed_up", "user_id": "u-1", "payload": {"plan": "pro"}, "event_id": "a"},
-                {"event_type": "user.signed_up", "user_id": "u-2", "payload": {"plan": "free"}, "event_id": "b"},
+                {
+                    "event_type": "user.signed_up",
+                    "user_id": "u-1",
+                    "payload": {"plan": "pro"},
+                    "event_id": "a",
+                },
+                {
+                    "event_type": "user.signed_up",
+                    "user_id": "u-2",
+                    "payload": {"plan": "free"},
+                    "event_id": "b",
+                },
             ]
         )
         self.assertEqual(response.status_code, 202)
@@ -51,7 +63,9 @@ class EventsApiTests(TestCase):
 
     def test_missing_or_wrong_token_is_401(self) -> None:
         body = json.dumps({"event_type": "user.signed_up", "user_id": "u-1", "payload": {"plan": "pro"}})
-        self.assertEqual(self.client.post("/api/events/", body, content_type="application/json").status_code, 401)
+        self.assertEqual(
+            self.client.post("/api/events/", body, content_type="application/json").status_code, 401
+        )
         self.assertEqual(self.post(json.loads(body), token="wrong").status_code, 401)
         self.assertFalse(OutboxEvent.objects.exists())
 
@@ -95,7 +109,9 @@ class EventsApiTests(TestCase):
 
         with override_settings(MAILAUTO={**settings.MAILAUTO, "EVENTS_API_RATE_LIMIT": "2/m"}):
             codes = [
-                self.post({"event_type": "user.signed_up", "user_id": "u", "payload": {"plan": "pro"}}).status_code
+                self.post(
+                    {"event_type": "user.signed_up", "user_id": "u", "payload": {"plan": "pro"}}
+                ).status_code
                 for _ in range(3)
             ]
         self.assertEqual(codes, [202, 202, 429])

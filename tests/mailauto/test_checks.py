@@ -17,7 +17,9 @@ class CheckTests(SimpleTestCase):
         self.assertEqual(checks.check_mailauto_options(None), [])
 
     def test_missing_esp_key_is_E001(self) -> None:
-        with override_settings(ANYMAIL={"WEBHOOK_SECRET": "a:b"}, EMAIL_BACKEND="anymail.backends.postmark.EmailBackend"):
+        with override_settings(
+            ANYMAIL={"WEBHOOK_SECRET": "a:b"}, EMAIL_BACKEND="anymail.backends.postmark.EmailBackend"
+        ):
             self.assertIn("mailauto.E001", self.ids(checks.check_esp(None)))
 
     def test_missing_webhook_secret_is_E002(self) -> None:

@@ -16,7 +16,9 @@ class HealthTests(TestCase):
         self.assertTrue(body["checks"]["esp"].startswith("ok"))
 
     def test_unhealthy_with_503_when_the_esp_is_misconfigured(self) -> None:
-        with override_settings(ANYMAIL={"WEBHOOK_SECRET": "a:b"}, EMAIL_BACKEND="anymail.backends.postmark.EmailBackend"):
+        with override_settings(
+            ANYMAIL={"WEBHOOK_SECRET": "a:b"}, EMAIL_BACKEND="anymail.backends.postmark.EmailBackend"
+        ):
             response = self.client.get("/health/")
         self.assertEqual(response.status_code, 503)
         self.assertIn("error", response.json()["checks"]["esp"])

@@ -13,7 +13,7 @@ from campaigns.exceptions import InvalidEvent
 
 
 class Command(BaseCommand):
-    help = "Emit an event: manage.py emit_event user.signed_up demo-user '{\"plan\": \"pro\"}'"
+    help = 'Emit an event: manage.py emit_event user.signed_up demo-user \'{"plan": "pro"}\''
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("event_type")
@@ -22,7 +22,16 @@ class Command(BaseCommand):
         parser.add_argument("--event-id", default=None)
         parser.add_argument("--source", default="cli")
 
-    def handle(self, *args: Any, event_type: str, user_id: str, payload: str, event_id: str | None, source: str, **options: Any) -> None:
+    def handle(
+        self,
+        *args: Any,
+        event_type: str,
+        user_id: str,
+        payload: str,
+        event_id: str | None,
+        source: str,
+        **options: Any,
+    ) -> None:
         try:
             data = json.loads(payload)
         except ValueError as err:

@@ -39,7 +39,9 @@ class Command(BaseCommand):
                 },
             },
         )
-        template, created = EmailTemplate.objects.get_or_create(name="Welcome", defaults={"description": "Onboarding welcome"})
+        template, created = EmailTemplate.objects.get_or_create(
+            name="Welcome", defaults={"description": "Onboarding welcome"}
+        )
         if created or template.latest_published() is None:
             version = template_version_create(
                 template=template,
@@ -57,6 +59,10 @@ class Command(BaseCommand):
                 "active": True,
             },
         )
-        SeedList.objects.get_or_create(name="Team", defaults={"addresses": "team@mailauto.test\nseed@mailauto.test"})
+        SeedList.objects.get_or_create(
+            name="Team", defaults={"addresses": "team@mailauto.test\nseed@mailauto.test"}
+        )
         identify("demo-user", email="ada@example.com", attributes={"first_name": "Ada"})
-        self.stdout.write(self.style.SUCCESS("Demo loaded: user.signed_up → 'Welcome new users' → template 'Welcome'."))
+        self.stdout.write(
+            self.style.SUCCESS("Demo loaded: user.signed_up → 'Welcome new users' → template 'Welcome'.")
+        )

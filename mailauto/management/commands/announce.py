@@ -16,7 +16,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--timeout", type=float, default=60.0)
-        parser.add_argument("--no-idle", action="store_true", help="Exit after printing (honcho stops all on exit).")
+        parser.add_argument(
+            "--no-idle", action="store_true", help="Exit after printing (honcho stops all on exit)."
+        )
 
     def handle(self, *args: Any, timeout: float, no_idle: bool, **options: Any) -> None:
         url = f"{settings.SITE_URL}/health/"
@@ -42,7 +44,7 @@ class Command(BaseCommand):
                     f"  Health:           {url}",
                     f"  ESP sandbox:      {sandbox}",
                     "  Emit a demo event:",
-                    "    .venv/bin/python manage.py emit_event user.signed_up demo-user '{\"plan\": \"pro\"}'",
+                    '    .venv/bin/python manage.py emit_event user.signed_up demo-user \'{"plan": "pro"}\'',
                     "=" * 72,
                     "",
                 ]
