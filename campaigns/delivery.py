@@ -40,6 +40,7 @@ from mailauto.lib.backoff import retry_delay
 from suppression.models import Suppression
 from suppression.selectors import send_decision
 from suppression.services import suppression_add
+from suppression.unsubscribe import message_headers, message_links
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def messages_send_batch(*, limit: int | None = None) -> SendBatchResult:
     return result
 
 
-def message_render(*, message: Message) -> RenderedEmail:
+def message_render(*, message: Message, links: dict[str, str] | None = None) -> RenderedEmail:
     """Render a message from the exact template version it pins."""
     version = message.template_version
     event = message.event
@@ -235,7 +236,7 @@ def message_render(*, message: Message) -> RenderedEmail:
         if event is not None
         else {},
         payload=event.payload if event is not None else {},
-        links={},
+        links=links or {},
         sensitive_fields=sensitive_fields(schema),
         declared_fields=set(version.declared_sensitive_fields or []),
     )
@@ -256,8 +257,9 @@ def message_send(*, message: Message, connection: object) -> str:
         )
         return "suppressed"
 
+    links = message_links(message=message)
     try:
-        rendered = message_render(message=message)
+        rendered = message_render(message=message, links=links)
     except Exception as err:
         logger.exception("rendering failed", extra={"message_id": message.pk})
         _finish(
@@ -303,6 +305,7 @@ def message_send(*, message: Message, connection: object) -> str:
         from_email=settings.DEFAULT_FROM_EMAIL,
         to=[message.to_email],
         connection=connection,
+        headers=message_headers(message=message, links=links),
         metadata={"mailauto_message_id": str(message.pk)},
         tags=[message.purpose],
     )

@@ -24,6 +24,13 @@ class Contact(models.Model):
     user_id = models.CharField(max_length=255, unique=True)
     email = models.EmailField(max_length=254, db_index=True)
     attributes = models.JSONField(default=dict, blank=True)
+    region = models.CharField(
+        max_length=32, blank=True, help_text="Data-residency region, e.g. 'eu', 'us'. Empty means unknown."
+    )
+    do_not_sell = models.BooleanField(default=False, help_text="CCPA: the contact opted out of sale/sharing.")
+    erased_at = models.DateTimeField(
+        null=True, blank=True, help_text="GDPR erasure: PII removed at this time."
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
 
@@ -101,6 +108,7 @@ class OutboxEvent(models.Model):
         PROCESSED = "processed", "processed"
         RETRYING = "retrying", "failed, will retry"
         DEAD = "dead", "dead (retries exhausted)"
+        REFUSED = "refused", "refused (not allowed to process)"
 
     event_id = models.CharField(max_length=255, unique=True)
     event_type = models.ForeignKey(EventType, on_delete=models.PROTECT, related_name="events")
@@ -225,6 +233,10 @@ class Automation(models.Model):
         help_text="Transactional mail (receipts, password resets) ignores topic opt-outs, never suppression.",
     )
     active = models.BooleanField(default=False)
+    paused_reason = models.CharField(
+        max_length=255, blank=True, help_text="Why it was paused automatically (reputation guard)."
+    )
+    paused_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
 
@@ -280,6 +292,11 @@ class Message(models.Model):
         UNKNOWN = "unknown", "outcome unknown (awaiting ESP webhook)"
         SENT = "sent", "sent (accepted by the ESP)"
         DELIVERED = "delivered", "delivered"
+        OPENED = "opened", "opened"
+        CLICKED = "clicked", "clicked"
+        BOUNCED = "bounced", "bounced"
+        COMPLAINED = "complained", "complained (marked as spam)"
+        UNSUBSCRIBED = "unsubscribed", "unsubscribed"
         SUPPRESSED = "suppressed", "not sent: suppressed"
         FAILED = "failed", "failed permanently"
         DEAD = "dead", "dead (retries exhausted)"
@@ -327,6 +344,7 @@ class Message(models.Model):
                 condition=Q(status__in=["queued", "claimed", "sending"]),
             ),
             models.Index(fields=["status", "-id"], name="message_status"),
+            models.Index(fields=["to_email"], name="message_to_email"),
         ]
 
     def __str__(self) -> str:

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from campaigns.models import Automation, Contact, Message, OutboxEvent, TemplateVersion
 from campaigns.rules import RuleError, evaluate
+from campaigns.selectors import template_version_for
 from mailauto.lib.backoff import retry_delay
 from suppression.selectors import send_decision
 
@@ -146,11 +147,9 @@ def event_process(*, event: OutboxEvent, automations: list[Automation]) -> list[
             if not matched:
                 outcome.append(f"{automation.name}: conditions not met")
                 continue
-            version = automation.pinned_version
-            if version is None:
-                if automation.template_id not in versions:
-                    versions[automation.template_id] = automation.template.latest_published()
-                version = versions[automation.template_id]
+            if automation.pk not in versions:
+                versions[automation.pk] = template_version_for(automation)
+            version = versions[automation.pk]
             if version is None:
                 outcome.append(
                     f"{automation.name}: template {automation.template.name!r} has no published version"

@@ -23,6 +23,7 @@ from campaigns.rendering import (
 )
 from campaigns.rules import RuleError, validate_rule
 from campaigns.schemas import SchemaError, sensitive_fields
+from campaigns.selectors import template_versions_forget
 
 API_TOKEN_PREFIX_LENGTH = 8
 # last_used_at is informational ("is this source still in use?"); writing it on every
@@ -161,6 +162,8 @@ def template_version_publish(*, version: TemplateVersion) -> TemplateVersion:
         current.status = TemplateVersion.Status.PUBLISHED
         current.published_at = timezone.now()
         current.save(update_fields=["status", "published_at"])
+        template_id = current.template_id
+        transaction.on_commit(lambda: template_versions_forget(template_id))
     version.status = current.status
     version.published_at = current.published_at
     return version

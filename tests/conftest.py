@@ -10,6 +10,15 @@ from django.conf import settings
 from mailauto.sandbox import SandboxServer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_shared_cache(django_db_blocker: object) -> None:
+    """The shared cache lives in Redis and outlives a test run; ids restart with a new
+    test database, so entries from an earlier run must not be read."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture
 def sandbox() -> Iterator[SandboxServer]:
     server = SandboxServer(port=0).start()
