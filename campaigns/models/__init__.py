@@ -1,0 +1,27 @@
+"""Campaigns' models, one module per domain, re-exported here."""
+
+from campaigns.models.core import (
+    EVENT_TYPE_NAME,
+    ApiSource,
+    Automation,
+    Contact,
+    EmailTemplate,
+    EventType,
+    Message,
+    OutboxEvent,
+    SeedList,
+    TemplateVersion,
+)
+
+__all__ = [
+    "EVENT_TYPE_NAME",
+    "ApiSource",
+    "Automation",
+    "Contact",
+    "EmailTemplate",
+    "EventType",
+    "Message",
+    "OutboxEvent",
+    "SeedList",
+    "TemplateVersion",
+]
