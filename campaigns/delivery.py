@@ -28,11 +28,13 @@ from anymail.exceptions import (
 from anymail.message import AnymailMessage
 from django.conf import settings
 from django.core.mail import get_connection
+from django.db import connection as db_connection
 from django.db import transaction
-from django.db.models import Case, Exists, F, OuterRef, Q, Value, When
+from django.db.models import Exists, F, OuterRef, Q
 from django.db.models.functions import Lower
 from django.utils import timezone
 
+from campaigns.esp_batch import BatchItemResult, batch_sender_for
 from campaigns.models import Message
 from campaigns.rendering import RenderedEmail, build_context, render_email
 from campaigns.schemas import sensitive_fields
@@ -201,23 +203,60 @@ class SendBatchResult:
     unknown: int = 0
     suppressed: int = 0
     dead: int = 0
+    requests: int = 0  # HTTP requests made to the ESP
+
+    def count(self, outcome: str) -> None:
+        setattr(self, outcome, getattr(self, outcome) + 1)
+
+
+@dataclass
+class _Outgoing:
+    message: Message
+    email: AnymailMessage
+    subject: str
 
 
 def messages_send_batch(*, limit: int | None = None) -> SendBatchResult:
-    """Claim one batch of due messages and send each of them."""
+    """Claim one batch of due messages, render them, hand them off and send them.
+
+    With an ESP that has a batch endpoint (Postmark: 500 different messages per call)
+    the batch goes out in as few HTTP requests as possible; otherwise one request per
+    message. Either way nothing is sent inside a database transaction.
+    """
+    connection = get_connection()
+    batch_sender = batch_sender_for(connection)
     messages = messages_claim(limit=limit or _options()["SEND_BATCH_SIZE"])
     result = SendBatchResult(claimed=len(messages))
     if not messages:
         return result
-    connection = get_connection()
+
+    outgoing = _hand_off(_prepare(messages, connection, result), result)
+    if not outgoing:
+        return result
     connection.open()
     try:
-        for message in messages:
-            outcome = message_send(message=message, connection=connection)
-            setattr(result, outcome, getattr(result, outcome) + 1)
+        if batch_sender is not None:
+            for start in range(0, len(outgoing), batch_sender.max_batch):
+                chunk = outgoing[start : start + batch_sender.max_batch]
+                result.requests += 1
+                items = batch_sender.send([item.email for item in chunk])
+                _record_results(chunk, items, result)
+        else:
+            for item in outgoing:
+                result.requests += 1
+                _record_results([item], [_send_one(item.email)], result)
     finally:
         connection.close()
     return result
+
+
+def _send_one(email: AnymailMessage) -> BatchItemResult:
+    try:
+        email.send()
+    except Exception as exc:
+        return BatchItemResult(error=exc)
+    esp_id = email.anymail_status.message_id
+    return BatchItemResult(esp_message_id=esp_id if isinstance(esp_id, str) else "")
 
 
 def message_render(*, message: Message, links: dict[str, str] | None = None) -> RenderedEmail:
@@ -243,48 +282,76 @@ def message_render(*, message: Message, links: dict[str, str] | None = None) -> 
     return render_email(subject=version.subject, html=version.html, text=version.text, context=context)
 
 
-def message_send(*, message: Message, connection: object) -> str:
-    """Send one claimed message. Returns the name of the outcome (a SendBatchResult field)."""
-    decision = send_decision(
-        email=message.to_email, purpose=message.purpose, transactional=message.transactional
+def message_email(
+    *, message: Message, rendered: RenderedEmail, links: dict[str, str], connection: object
+) -> AnymailMessage:
+    """The Anymail message for one Message: what the ESP receives."""
+    email = AnymailMessage(
+        subject=rendered.subject,
+        body=rendered.text,
+        from_email=settings.DEFAULT_FROM_EMAIL,
+        to=[message.to_email],
+        connection=connection,
+        headers=message_headers(message=message, links=links),
+        # Links webhooks back to the row even before we record the ESP's message id.
+        metadata={"mailauto_message_id": str(message.pk)},
+        tags=[message.purpose],
     )
-    if not decision.allowed:
-        _finish(
-            message,
-            status=Message.Status.SUPPRESSED,
-            reason=decision.reason,
-            from_status=Message.Status.CLAIMED,
-        )
-        return "suppressed"
+    email.attach_alternative(rendered.html, "text/html")
+    return email
 
-    links = message_links(message=message)
-    try:
-        rendered = message_render(message=message, links=links)
-    except Exception as err:
-        logger.exception("rendering failed", extra={"message_id": message.pk})
-        _finish(
-            message,
-            status=Message.Status.FAILED,
-            reason="rendering failed",
-            error=f"{type(err).__name__}: {err}",
-        )
-        return "failed"
 
-    # The hand-off point. Committed before the request leaves, and guarded so that a
-    # suppression committed before this statement still wins ("suppression wins": see
-    # DESIGN.md). From here on, a crash leaves the message SENDING, which the sweeper
-    # turns into UNKNOWN rather than resending blindly.
-    handed_off = (
-        Message.objects.filter(pk=message.pk, status=Message.Status.CLAIMED)
-        .exclude(Exists(_blocking_suppressions(message.transactional)))
-        .update(
-            status=Message.Status.SENDING,
-            attempts=F("attempts") + 1,
-            subject=rendered.subject,
-            updated_at=timezone.now(),
-        )
+def _prepare(messages: list[Message], connection: object, result: SendBatchResult) -> list[_Outgoing]:
+    """Render every claimed message; a message that cannot be rendered fails alone."""
+    outgoing = []
+    for message in messages:
+        links = message_links(message=message)
+        try:
+            rendered = message_render(message=message, links=links)
+        except Exception as err:
+            logger.exception("rendering failed", extra={"message_id": message.pk})
+            _finish(
+                message,
+                status=Message.Status.FAILED,
+                reason="rendering failed",
+                error=f"{type(err).__name__}: {err}",
+            )
+            result.count("failed")
+            continue
+        email = message_email(message=message, rendered=rendered, links=links, connection=connection)
+        outgoing.append(_Outgoing(message=message, email=email, subject=rendered.subject))
+    return outgoing
+
+
+def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgoing]:
+    """Mark the batch SENDING in one committed statement, before any request leaves.
+
+    The same statement refuses addresses suppressed by then ("suppression wins": a
+    suppression committed before this UPDATE stops the send, with no check-then-act
+    gap). From here on, a crash leaves messages SENDING, which the sweeper turns into
+    UNKNOWN rather than resending blindly.
+    """
+    if not outgoing:
+        return []
+    now = timezone.now()
+    for transactional in (False, True):
+        ids = [item.message.pk for item in outgoing if item.message.transactional is transactional]
+        if ids:
+            Message.objects.filter(pk__in=ids, status=Message.Status.CLAIMED).exclude(
+                Exists(_blocking_suppressions(transactional))
+            ).update(status=Message.Status.SENDING, attempts=F("attempts") + 1, updated_at=now)
+    handed = set(
+        Message.objects.filter(
+            pk__in=[item.message.pk for item in outgoing], status=Message.Status.SENDING, updated_at=now
+        ).values_list("pk", flat=True)
     )
-    if not handed_off:
+    kept = []
+    for item in outgoing:
+        message = item.message
+        if message.pk in handed:
+            message.attempts += 1
+            kept.append(item)
+            continue
         decision = send_decision(
             email=message.to_email, purpose=message.purpose, transactional=message.transactional
         )
@@ -295,46 +362,47 @@ def message_send(*, message: Message, connection: object) -> str:
                 reason=decision.reason,
                 from_status=Message.Status.CLAIMED,
             )
-            return "suppressed"
-        return "retrying"  # someone else holds it now (our lease expired); not ours to send
-    message.attempts += 1
+            result.count("suppressed")
+        # else: our lease expired and another worker holds it now; not ours to send.
+    return kept
 
-    email = AnymailMessage(
-        subject=rendered.subject,
-        body=rendered.text,
-        from_email=settings.DEFAULT_FROM_EMAIL,
-        to=[message.to_email],
-        connection=connection,
-        headers=message_headers(message=message, links=links),
-        metadata={"mailauto_message_id": str(message.pk)},
-        tags=[message.purpose],
-    )
-    email.attach_alternative(rendered.html, "text/html")
-    try:
-        email.send()
-    except Exception as exc:
-        return _record_failure(message, classify_send_error(exc), exc)
 
-    status = email.anymail_status
-    esp_id = status.message_id if isinstance(status.message_id, str) else ""
+def _record_results(chunk: list[_Outgoing], items: list[BatchItemResult], result: SendBatchResult) -> None:
+    sent: list[tuple[int, str, str]] = []
+    for item, outcome in zip(chunk, items, strict=True):
+        if outcome.error is None:
+            sent.append((item.message.pk, outcome.esp_message_id, item.subject))
+        else:
+            result.count(_record_failure(item.message, classify_send_error(outcome.error), outcome.error))
+    if sent:
+        _record_sent(sent)
+        result.sent += len(sent)
+        logger.info("messages sent", extra={"count": len(sent), "message_ids": [row[0] for row in sent][:20]})
+
+
+def _record_sent(rows: list[tuple[int, str, str]]) -> None:
+    """Record the ESP's acceptance of many messages in one statement.
+
+    A tracking webhook may already have advanced a message (the ESP can be faster than
+    this UPDATE); the CASE never moves a status backwards, while the ESP id is always
+    recorded. UPDATE … FROM a VALUES list works on Postgres and on SQLite ≥ 3.33.
+    """
     now = timezone.now()
-    Message.objects.filter(pk=message.pk).update(
-        # A tracking webhook may already have advanced the message (the ESP can be
-        # faster than this UPDATE); never move it backwards.
-        status=Case(
-            When(
-                status__in=[Message.Status.SENDING, Message.Status.UNKNOWN], then=Value(Message.Status.SENT)
-            ),
-            default=F("status"),
-        ),
-        esp_message_id=esp_id,
-        sent_at=now,
-        locked_until=None,
-        last_error="",
-        updated_at=now,
+    table = Message._meta.db_table
+    values = ", ".join(["(%s, %s, %s)"] * len(rows))
+    # Only %s placeholders and our own table name are interpolated.
+    sql = (
+        f"WITH v(id, esp_id, subject) AS (VALUES {values}) "  # noqa: S608
+        f"UPDATE {table} SET "
+        f"status = CASE WHEN {table}.status IN (%s, %s) THEN %s ELSE {table}.status END, "
+        f"esp_message_id = v.esp_id, subject = v.subject, sent_at = %s, updated_at = %s, "
+        f"locked_until = NULL, last_error = '' "
+        f"FROM v WHERE {table}.id = CAST(v.id AS BIGINT)"
     )
-    logger.info("message sent", extra={"message_id": message.pk, "esp_message_id": esp_id})
-    return "sent"
+    flat: list[object] = [value for row in rows for value in row]
+    params = [*flat, Message.Status.SENDING, Message.Status.UNKNOWN, Message.Status.SENT, now, now]
+    with db_connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def _blocking_suppressions(transactional: bool):  # type: ignore[no-untyped-def]

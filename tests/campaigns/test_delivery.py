@@ -109,26 +109,24 @@ class SendTests(SandboxTestCase):
         self.assertIn("hard bounce", message.status_reason)
         self.assertEqual(self.sandbox.messages(), [])
 
-    def test_suppression_between_check_and_hand_off_still_wins(self) -> None:
+    def test_suppression_recorded_after_claim_and_render_still_wins(self) -> None:
         """The hand-off UPDATE itself refuses a suppressed address (no check-then-act gap)."""
         message = self.queued()
-        from suppression import selectors
+        from campaigns import delivery
 
-        real = selectors.send_decision
-        calls = []
+        real_render = delivery.message_render
 
-        def decide_then_suppress(**kw):  # type: ignore[no-untyped-def]
-            decision = real(**kw)
-            if not calls:
-                suppression_add(email="ada@example.com", reason=Suppression.Reason.COMPLAINT, source="test")
-            calls.append(kw)
-            return decision
+        def render_then_suppress(**kw):  # type: ignore[no-untyped-def]
+            rendered = real_render(**kw)
+            suppression_add(email="ada@example.com", reason=Suppression.Reason.COMPLAINT, source="test")
+            return rendered
 
-        with mock.patch("campaigns.delivery.send_decision", side_effect=decide_then_suppress):
+        with mock.patch("campaigns.delivery.message_render", side_effect=render_then_suppress):
             result = messages_send_batch()
         self.assertEqual(result.suppressed, 1)
         message.refresh_from_db()
         self.assertEqual(message.status, Message.Status.SUPPRESSED)
+        self.assertIn("spam complaint", message.status_reason)
         self.assertEqual(self.sandbox.messages(), [])
 
     def test_unsubscribe_does_not_stop_transactional_mail(self) -> None:
