@@ -38,6 +38,7 @@ from campaigns.esp_batch import BatchItemResult, batch_sender_for
 from campaigns.models import Message
 from campaigns.rendering import RenderedEmail, build_context, render_email
 from campaigns.schemas import sensitive_fields
+from mailauto.lib import metrics
 from mailauto.lib.backoff import retry_delay
 from suppression.models import Suppression
 from suppression.selectors import send_decision
@@ -232,6 +233,7 @@ def messages_send_batch(*, limit: int | None = None) -> SendBatchResult:
 
     outgoing = _hand_off(_prepare(messages, connection, result), result)
     if not outgoing:
+        _count(result)
         return result
     connection.open()
     try:
@@ -247,7 +249,14 @@ def messages_send_batch(*, limit: int | None = None) -> SendBatchResult:
                 _record_results([item], [_send_one(item.email)], result)
     finally:
         connection.close()
+    _count(result)
     return result
+
+
+def _count(result: SendBatchResult) -> None:
+    for outcome in ("sent", "retrying", "failed", "unknown", "suppressed", "dead"):
+        metrics.incr("sends_total", getattr(result, outcome), outcome=outcome)
+    metrics.incr("esp_requests_total", result.requests)
 
 
 def _send_one(email: AnymailMessage) -> BatchItemResult:
@@ -369,14 +378,19 @@ def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgo
 
 def _record_results(chunk: list[_Outgoing], items: list[BatchItemResult], result: SendBatchResult) -> None:
     sent: list[tuple[int, str, str]] = []
+    latencies: list[float] = []
+    now = timezone.now()
     for item, outcome in zip(chunk, items, strict=True):
         if outcome.error is None:
             sent.append((item.message.pk, outcome.esp_message_id, item.subject))
+            if item.message.event is not None:
+                latencies.append((now - item.message.event.created_at).total_seconds())
         else:
             result.count(_record_failure(item.message, classify_send_error(outcome.error), outcome.error))
     if sent:
         _record_sent(sent)
         result.sent += len(sent)
+        metrics.observe_latencies("event_to_esp_seconds", latencies)
         logger.info("messages sent", extra={"count": len(sent), "message_ids": [row[0] for row in sent][:20]})
 
 

@@ -191,6 +191,8 @@ MAILAUTO = {
     # Suppression
     "SUPPRESSION_STORAGE": env.str("MAILAUTO_SUPPRESSION_STORAGE", default="database"),
     "SUPPRESSION_SYNC_INTERVAL_SECONDS": env.int("MAILAUTO_SUPPRESSION_SYNC_INTERVAL", default=300),
+    # Operations
+    "METRICS_TOKEN": env_secret("MAILAUTO_METRICS_TOKEN") or "",
     # Compliance switches
     "GDPR": env.bool("MAILAUTO_GDPR", default=True),
     "CCPA": env.bool("MAILAUTO_CCPA", default=False),
@@ -216,9 +218,15 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {
+            "()": "mailauto.lib.structured_logs.KeyValueFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
+        "json": {"()": "mailauto.lib.structured_logs.JsonFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # LOG_FORMAT=json for log shippers; key=value lines otherwise. Either way the ids
+    # passed as `extra=` (event_id, message_id, …) are in the line, never PII.
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": env.str("LOG_FORMAT", default="plain")}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }

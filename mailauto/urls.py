@@ -12,5 +12,6 @@ admin.site.index_title = "Email automation"
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("health/", views.health, name="health"),
+    path("metrics", views.metrics, name="metrics"),
     path("", include("campaigns.urls")),
 ]
