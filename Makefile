@@ -51,7 +51,7 @@ lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) manage.py makemigrations --check --dry-run
-	$(VENV)/bin/mypy campaigns/events.py campaigns/processing.py campaigns/delivery.py campaigns/rules.py campaigns/schemas.py campaigns/rendering.py suppression/ mailauto/lib/
+	$(VENV)/bin/mypy campaigns/events.py campaigns/processing.py campaigns/delivery.py campaigns/rules.py campaigns/schemas.py campaigns/rendering suppression/ mailauto/lib/ campaigns/esp_batch.py campaigns/selectors.py campaigns/tasks.py
 
 format: install-dev
 	$(VENV)/bin/ruff check --fix .

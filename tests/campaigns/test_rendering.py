@@ -1,4 +1,4 @@
-"""Tests for campaigns/rendering.py: the restricted template engine, the sanitiser, the
+"""Tests for campaigns/rendering/: the restricted template engine, the sanitiser, the
 layouts, the text part and the context. No database: rendering is pure."""
 
 from __future__ import annotations
