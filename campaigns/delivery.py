@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 import requests
@@ -40,6 +40,7 @@ from campaigns.rendering import RenderedEmail, build_context, render_email
 from campaigns.schemas import sensitive_fields
 from mailauto.lib import metrics
 from mailauto.lib.backoff import retry_delay
+from mailauto.lib.nudge import nudge
 from suppression.models import Suppression
 from suppression.selectors import send_decision
 from suppression.services import suppression_add
@@ -413,8 +414,8 @@ def _record_sent(rows: list[tuple[int, str, str]]) -> None:
         f"locked_until = NULL, last_error = '' "
         f"FROM v WHERE {table}.id = CAST(v.id AS BIGINT)"
     )
-    flat: list[object] = [value for row in rows for value in row]
-    params = [*flat, Message.Status.SENDING, Message.Status.UNKNOWN, Message.Status.SENT, now, now]
+    flat: list[int | str] = [value for row in rows for value in row]
+    params: list[int | str | datetime] = [*flat, Message.Status.SENDING, Message.Status.UNKNOWN, Message.Status.SENT, now, now]
     with db_connection.cursor() as cursor:
         cursor.execute(sql, params)
 
@@ -566,12 +567,9 @@ def messages_replay(*, message_ids: list[int]) -> int:
 def nudge_send_workers() -> None:
     """Ask a send worker to look for due messages once the current transaction commits."""
 
-    def nudge() -> None:
+    def send_nudge() -> None:
         from campaigns.tasks import messages_send
 
-        try:
-            messages_send.apply_async(retry=False)
-        except Exception:
-            logger.warning("could not nudge the send workers; the sweeper will", exc_info=True)
+        nudge(messages_send, kind="sends")
 
-    transaction.on_commit(nudge)
+    transaction.on_commit(send_nudge)

@@ -24,6 +24,7 @@ from django.utils.dateparse import parse_datetime
 from campaigns.exceptions import InvalidContact, InvalidEvent, InvalidInput
 from campaigns.models import Contact, EventType, OutboxEvent
 from campaigns.schemas import PayloadError, validate_payload
+from mailauto.lib.nudge import nudge
 
 logger = logging.getLogger(__name__)
 
@@ -312,11 +313,4 @@ def nudge_event_workers() -> None:
     # to be importable.
     from campaigns.tasks import events_process
 
-    try:
-        # retry=False: with the broker down, the caller must not block on publish
-        # retries. The beat sweeper picks the event up later; the row is the truth.
-        events_process.apply_async(retry=False)
-    except Exception:
-        logger.warning(
-            "could not nudge the event workers; the sweeper will pick the events up", exc_info=True
-        )
+    nudge(events_process, kind="events")

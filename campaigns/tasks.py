@@ -7,42 +7,52 @@ message therefore delays work until the beat sweeper runs; it never loses it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from celery import shared_task
 from django.utils import timezone
 
 from campaigns import delivery, processing
 from campaigns.models import Message, OutboxEvent
+from mailauto.lib import nudge
 
 # How long one task keeps claiming batches before handing over to a fresh task, so that
 # one long backlog does not pin a worker process forever (and a deploy can drain it).
 TASK_TIME_BUDGET_SECONDS = 20.0
 
 
+def _drain(kind: str, run_batch: Callable[[], int], again: Any) -> int:
+    """Run batches until there is no work or the time budget is spent.
+
+    When a batch finds nothing, clear the nudge marker and look once more (see
+    mailauto/lib/nudge.py for why that closes the race with concurrent emitters).
+    """
+    started = time.monotonic()
+    handled = 0
+    settled = False
+    while time.monotonic() - started < TASK_TIME_BUDGET_SECONDS:
+        claimed = run_batch()
+        handled += claimed
+        if claimed:
+            settled = False
+            continue
+        if settled:
+            return handled
+        nudge.settle(kind)
+        settled = True
+    again.apply_async()  # more work left: continue in a fresh task
+    return handled
+
+
 @shared_task(ignore_result=True)
 def events_process() -> int:
-    started = time.monotonic()
-    processed = 0
-    while time.monotonic() - started < TASK_TIME_BUDGET_SECONDS:
-        result = processing.events_process_batch()
-        processed += result.claimed
-        if result.claimed == 0:
-            return processed
-    events_process.apply_async()  # more work left: continue in a fresh task
-    return processed
+    return _drain("events", lambda: processing.events_process_batch().claimed, events_process)
 
 
 @shared_task(ignore_result=True)
 def messages_send() -> int:
-    started = time.monotonic()
-    handled = 0
-    while time.monotonic() - started < TASK_TIME_BUDGET_SECONDS:
-        result = delivery.messages_send_batch()
-        handled += result.claimed
-        if result.claimed == 0:
-            return handled
-    messages_send.apply_async()
-    return handled
+    return _drain("sends", lambda: delivery.messages_send_batch().claimed, messages_send)
 
 
 @shared_task(ignore_result=True)

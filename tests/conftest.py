@@ -19,6 +19,15 @@ def _fresh_shared_cache(django_db_blocker: object) -> None:
     cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def _no_pending_nudges() -> None:
+    """Nudges are debounced by a shared marker (mailauto/lib/nudge.py); a marker left by
+    one test must not swallow the nudge another test expects."""
+    from django.core.cache import cache
+
+    cache.delete_many(["mailauto:nudge:events", "mailauto:nudge:sends"])
+
+
 @pytest.fixture
 def sandbox() -> Iterator[SandboxServer]:
     server = SandboxServer(port=0).start()
