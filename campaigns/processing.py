@@ -10,7 +10,7 @@ Message.idempotency_key makes processing an event twice harmless.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
@@ -34,8 +34,7 @@ class BatchResult:
     claimed: int = 0
     processed: int = 0
     failed: int = 0
-    messages: int = 0
-    message_ids: list[int] = field(default_factory=list)
+    messages: int = 0  # messages queued to send
 
 
 def _options() -> dict:
@@ -76,27 +75,91 @@ def events_claim(*, limit: int) -> list[OutboxEvent]:
 
 
 def events_process_batch(*, limit: int | None = None) -> BatchResult:
-    """Claim one batch and process each event in its own transaction."""
+    """Claim one batch and process it.
+
+    Fast path: the whole batch is planned and written in one transaction (one INSERT of
+    all its messages, one UPDATE of all its events). If anything in it fails, the batch
+    is redone one event per transaction, so that one bad event fails alone.
+    """
     events = events_claim(limit=limit or _options()["EVENT_BATCH_SIZE"])
     result = BatchResult(claimed=len(events))
+    if not events:
+        return result
     automations = _automations_by_trigger({event.event_type_id for event in events})
-    for event in events:
-        try:
-            with transaction.atomic():
-                created = event_process(event=event, automations=automations.get(event.event_type_id, []))
-        except Exception as err:  # one bad event must not stop the batch
-            logger.exception("event processing failed", extra={"event_id": event.event_id})
-            event_fail(event=event, error=f"{type(err).__name__}: {err}")
-            result.failed += 1
-        else:
-            result.processed += 1
-            result.messages += len(created)
-            result.message_ids.extend(created)
+    contacts = {
+        contact.user_id: contact
+        for contact in Contact.objects.filter(user_id__in={event.user_id for event in events})
+    }
+    versions: dict[int, TemplateVersion | None] = {}
+    try:
+        with transaction.atomic():
+            plans = [
+                event_plan(
+                    event=event,
+                    automations=automations.get(event.event_type_id, []),
+                    contact=contacts.get(event.user_id),
+                    versions=versions,
+                )
+                for event in events
+            ]
+            _write_plans(plans)
+    except Exception:
+        logger.warning("batch processing failed; processing its events one by one", exc_info=True)
+        plans = []
+        for event in events:
+            try:
+                with transaction.atomic():
+                    plan = event_plan(
+                        event=event,
+                        automations=automations.get(event.event_type_id, []),
+                        contact=contacts.get(event.user_id),
+                        versions=versions,
+                    )
+                    _write_plans([plan])
+                plans.append(plan)
+            except Exception as err:  # one bad event must not stop the batch
+                logger.exception("event processing failed", extra={"event_id": event.event_id})
+                event_fail(event=event, error=f"{type(err).__name__}: {err}")
+                result.failed += 1
+    result.processed = len(plans)
+    result.messages = sum(plan.queued for plan in plans)
     if result.messages:
         from campaigns.delivery import nudge_send_workers
 
         nudge_send_workers()
     return result
+
+
+@dataclass
+class EventPlan:
+    """What one event causes: the messages to create and the words for its result."""
+
+    event: OutboxEvent
+    messages: list[Message]
+    outcome: list[str]
+    status: str = OutboxEvent.Status.PROCESSED
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for message in self.messages if message.status == Message.Status.QUEUED)
+
+
+def _write_plans(plans: list[EventPlan]) -> None:
+    now = timezone.now()
+    messages = [message for plan in plans for message in plan.messages]
+    if messages:
+        # ignore_conflicts: an event processed before (its lease expired while a slow
+        # worker still finished it) already has its messages; the unique idempotency
+        # key keeps it at one Message per (event, automation).
+        Message.objects.bulk_create(messages, ignore_conflicts=True, batch_size=1000)
+    for plan in plans:
+        plan.event.status = plan.status
+        plan.event.processed_at = now
+        plan.event.locked_until = None
+        plan.event.result = "; ".join(plan.outcome)[:255]
+    OutboxEvent.objects.bulk_update(
+        [plan.event for plan in plans], ["status", "processed_at", "locked_until", "result"], batch_size=500
+    )
 
 
 def _automations_by_trigger(event_type_ids: set[int]) -> dict[int, list[Automation]]:
@@ -112,87 +175,72 @@ def _automations_by_trigger(event_type_ids: set[int]) -> dict[int, list[Automati
     return by_trigger
 
 
-def event_process(*, event: OutboxEvent, automations: list[Automation]) -> list[int]:
-    """Decide what one event causes; create its Messages; mark it processed.
+def event_plan(
+    *,
+    event: OutboxEvent,
+    automations: list[Automation],
+    contact: Contact | None,
+    versions: dict[int, TemplateVersion | None],
+) -> EventPlan:
+    """Decide what one event causes. Reads only; the caller writes the plan.
 
-    Runs inside the caller's transaction. Returns the ids of the Messages created.
+    `versions` caches each automation's template version for the batch.
     """
     now = timezone.now()
-    outcome: list[str] = []
-    messages: list[Message] = []
-    contact = Contact.objects.filter(user_id=event.user_id).first() if automations else None
-
+    plan = EventPlan(event=event, messages=[], outcome=[])
     if not automations:
-        outcome.append("no active automation for this event type")
-    elif contact is None:
-        outcome.append(f"no contact with user_id {event.user_id!r} (identify() it first)")
-    else:
-        data = {
-            "payload": event.payload,
-            "contact": contact.as_context(),
-            "event": {
-                "type": event.event_type.name,
-                "source": event.source,
-                "occurred_at": event.occurred_at.isoformat(),
-                "event_id": event.event_id,
-            },
-        }
-        versions: dict[int, TemplateVersion | None] = {}
-        for automation in automations:
-            try:
-                matched = evaluate(automation.conditions, data)
-            except RuleError as err:
-                outcome.append(f"{automation.name}: invalid rule ({err})")
-                continue
-            if not matched:
-                outcome.append(f"{automation.name}: conditions not met")
-                continue
-            if automation.pk not in versions:
-                versions[automation.pk] = template_version_for(automation)
-            version = versions[automation.pk]
-            if version is None:
-                outcome.append(
-                    f"{automation.name}: template {automation.template.name!r} has no published version"
-                )
-                continue
-            decision = send_decision(
-                email=contact.email, purpose=automation.purpose, transactional=automation.is_transactional
+        plan.outcome.append("no active automation for this event type")
+        return plan
+    if contact is None:
+        plan.outcome.append(f"no contact with user_id {event.user_id!r} (identify() it first)")
+        return plan
+    data = {
+        "payload": event.payload,
+        "contact": contact.as_context(),
+        "event": {
+            "type": event.event_type.name,
+            "source": event.source,
+            "occurred_at": event.occurred_at.isoformat(),
+            "event_id": event.event_id,
+        },
+    }
+    for automation in automations:
+        try:
+            matched = evaluate(automation.conditions, data)
+        except RuleError as err:
+            plan.outcome.append(f"{automation.name}: invalid rule ({err})")
+            continue
+        if not matched:
+            plan.outcome.append(f"{automation.name}: conditions not met")
+            continue
+        if automation.pk not in versions:
+            versions[automation.pk] = template_version_for(automation)
+        version = versions[automation.pk]
+        if version is None:
+            plan.outcome.append(
+                f"{automation.name}: template {automation.template.name!r} has no published version"
             )
-            messages.append(
-                Message(
-                    idempotency_key=f"{event.event_id}:{automation.pk}",
-                    event=event,
-                    automation=automation,
-                    contact=contact,
-                    to_email=contact.email,
-                    template_version=version,
-                    purpose=automation.purpose,
-                    transactional=automation.is_transactional,
-                    status=Message.Status.QUEUED if decision.allowed else Message.Status.SUPPRESSED,
-                    status_reason=decision.reason,
-                    send_after=max(now, event.occurred_at + automation.delay),
-                )
-            )
-            outcome.append(f"{automation.name}: {'queued' if decision.allowed else decision.reason}")
-
-    created_ids: list[int] = []
-    if messages:
-        # ignore_conflicts: if this event was processed before (a worker died after
-        # commit but before… nothing else; or a lease expired), the unique idempotency
-        # key keeps it at one Message per (event, automation).
-        Message.objects.bulk_create(messages, ignore_conflicts=True)
-        created_ids = list(
-            Message.objects.filter(
-                idempotency_key__in=[m.idempotency_key for m in messages], status=Message.Status.QUEUED
-            ).values_list("id", flat=True)
+            continue
+        decision = send_decision(
+            email=contact.email, purpose=automation.purpose, transactional=automation.is_transactional
         )
-
-    event.status = OutboxEvent.Status.PROCESSED
-    event.processed_at = now
-    event.locked_until = None
-    event.result = "; ".join(outcome)[:255]
-    event.save(update_fields=["status", "processed_at", "locked_until", "result"])
-    return created_ids
+        plan.messages.append(
+            Message(
+                idempotency_key=f"{event.event_id}:{automation.pk}",
+                event=event,
+                automation=automation,
+                contact=contact,
+                to_email=contact.email,
+                template_version=version,
+                purpose=automation.purpose,
+                transactional=automation.is_transactional,
+                status=Message.Status.QUEUED if decision.allowed else Message.Status.SUPPRESSED,
+                status_reason=decision.reason,
+                send_after=max(now, event.occurred_at + automation.delay),
+            )
+        )
+        plan.outcome.append(f"{automation.name}: {'queued' if decision.allowed else decision.reason}")
+    return plan
 
 
 def event_fail(*, event: OutboxEvent, error: str) -> None:

@@ -102,6 +102,19 @@ class ProcessingTests(TestCase):
         events_process_batch()
         self.assertEqual(Message.objects.get().send_after, occurred + timedelta(days=1))
 
+    def test_a_batch_is_written_in_a_bounded_number_of_queries(self) -> None:
+        factories.automation(self.type)
+        for _ in range(3):
+            factories.outbox_event(self.type, "u-1")
+        events_process_batch()  # warm the version cache
+        for _ in range(30):
+            factories.outbox_event(self.type, "u-1")
+        with self.assertNumQueries(12 + 30):
+            # A fixed cost per batch (claim, automations, contacts, version, one INSERT,
+            # one UPDATE, savepoints) plus one suppression check per message.
+            result = events_process_batch()
+        self.assertEqual(result.processed, 30)
+
     def test_processing_an_event_twice_creates_no_second_message(self) -> None:
         factories.automation(self.type)
         event = factories.outbox_event(self.type, "u-1")
@@ -115,14 +128,16 @@ class ProcessingTests(TestCase):
         factories.automation(self.type)
         bad = factories.outbox_event(self.type, "u-1")
         good = factories.outbox_event(self.type, "u-1")
-        real = __import__("campaigns.processing", fromlist=["event_process"]).event_process
+        from campaigns import processing
 
-        def flaky(*, event, automations):  # type: ignore[no-untyped-def]
+        real = processing.event_plan
+
+        def flaky(*, event, **kw):  # type: ignore[no-untyped-def]
             if event.pk == bad.pk:
                 raise RuntimeError("database hiccup")
-            return real(event=event, automations=automations)
+            return real(event=event, **kw)
 
-        with mock.patch("campaigns.processing.event_process", side_effect=flaky):
+        with mock.patch("campaigns.processing.event_plan", side_effect=flaky):
             result = events_process_batch()
         self.assertEqual((result.processed, result.failed), (1, 1))
         bad.refresh_from_db()
@@ -134,7 +149,7 @@ class ProcessingTests(TestCase):
 
         with override_settings(MAILAUTO={**self.settings_mailauto(), "EVENT_MAX_ATTEMPTS": 2}):
             OutboxEvent.objects.filter(pk=bad.pk).update(available_at=timezone.now())
-            with mock.patch("campaigns.processing.event_process", side_effect=flaky):
+            with mock.patch("campaigns.processing.event_plan", side_effect=flaky):
                 events_process_batch()
         bad.refresh_from_db()
         self.assertEqual(bad.status, OutboxEvent.Status.DEAD)
