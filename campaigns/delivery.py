@@ -34,13 +34,16 @@ from django.db.models import Exists, F, OuterRef, Q
 from django.db.models.functions import Lower
 from django.utils import timezone
 
+from campaigns import throttle
 from campaigns.esp_batch import BatchItemResult, batch_sender_for
 from campaigns.models import Message
 from campaigns.rendering import RenderedEmail, build_context, render_email
 from campaigns.schemas import sensitive_fields
+from campaigns.warmup import warmup_admit, warmup_release, warmup_schedule_current
 from mailauto.lib import metrics
 from mailauto.lib.backoff import retry_delay
 from mailauto.lib.nudge import nudge
+from suppression.consent import consent_decision
 from suppression.models import Suppression
 from suppression.selectors import send_decision
 from suppression.services import suppression_add
@@ -165,8 +168,13 @@ def _options() -> dict:
 
 def claimable_messages_q(now) -> Q:  # type: ignore[no-untyped-def]
     """Due queued messages, and claimed ones whose worker died before handing them to
-    the ESP (CLAIMED is before the HTTP request, so retaking them is safe)."""
-    return Q(status=Message.Status.QUEUED, send_after__lte=now) | Q(
+    the ESP (CLAIMED is before the HTTP request, so retaking them is safe).
+
+    Messages of a paused or deactivated automation wait, queued, until it is active
+    again: a pause (by a marketer, or by the reputation guard) stops its mail at once.
+    """
+    not_paused = Q(automation__isnull=True) | Q(automation__active=True)
+    return Q(not_paused, status=Message.Status.QUEUED, send_after__lte=now) | Q(
         status=Message.Status.CLAIMED, locked_until__lt=now
     )
 
@@ -177,8 +185,8 @@ def messages_claim(*, limit: int) -> list[Message]:
     with transaction.atomic():
         ids = list(
             Message.objects.filter(claimable_messages_q(now))
-            .order_by("send_after", "id")
-            .select_for_update(skip_locked=True)
+            .order_by("priority", "send_after", "id")
+            .select_for_update(skip_locked=True, of=("self",))
             .values_list("id", flat=True)[:limit]
         )
         if not ids:
@@ -205,6 +213,8 @@ class SendBatchResult:
     unknown: int = 0
     suppressed: int = 0
     dead: int = 0
+    deferred: int = 0  # over today's warm-up cap: waiting for tomorrow
+    throttled: int = 0  # no rate-limit token in time: back in the queue
     requests: int = 0  # HTTP requests made to the ESP
 
     def count(self, outcome: str) -> None:
@@ -219,11 +229,15 @@ class _Outgoing:
 
 
 def messages_send_batch(*, limit: int | None = None) -> SendBatchResult:
-    """Claim one batch of due messages, render them, hand them off and send them.
+    """Claim one batch of due messages and send it, within the warm-up cap and the
+    shared rate limit.
 
-    With an ESP that has a batch endpoint (Postmark: 500 different messages per call)
-    the batch goes out in as few HTTP requests as possible; otherwise one request per
-    message. Either way nothing is sent inside a database transaction.
+    1. claim (leased, committed); 2. warm-up: take today's allowance, defer the rest to
+    tomorrow, highest priority first; 3. render; 4. per mailbox provider, per ESP
+    request (500 messages a request for Postmark, 1 for ESPs without a batch endpoint):
+    take a rate-limit token, hand the chunk off (SENDING, committed), send, feed the
+    outcome back to the adaptive limit, record. A chunk that cannot get a token in time
+    goes back to the queue untouched. Nothing is sent inside a database transaction.
     """
     connection = get_connection()
     batch_sender = batch_sender_for(connection)
@@ -232,26 +246,86 @@ def messages_send_batch(*, limit: int | None = None) -> SendBatchResult:
     if not messages:
         return result
 
-    outgoing = _hand_off(_prepare(messages, connection, result), result)
-    if not outgoing:
-        _count(result)
-        return result
+    schedule = warmup_schedule_current()
+    admission = warmup_admit(schedule=schedule, messages=messages)
+    if admission.deferred and admission.defer_until is not None:
+        _requeue([m for m in admission.deferred], send_after=admission.defer_until, reason=admission.reason)
+        result.deferred += len(admission.deferred)
+    outgoing = _prepare(admission.admitted, connection, result)
+    not_sent = len(admission.admitted) - len(outgoing)  # reserved warm-up sends to give back
+
+    size = batch_sender.max_batch if batch_sender is not None else 1
+    chunks = [
+        group[start : start + size]
+        for group in throttle.group_by_provider(outgoing, email=lambda item: item.message.to_email).values()
+        for start in range(0, len(group), size)
+    ]
     connection.open()
     try:
-        if batch_sender is not None:
-            for start in range(0, len(outgoing), batch_sender.max_batch):
-                chunk = outgoing[start : start + batch_sender.max_batch]
-                result.requests += 1
-                items = batch_sender.send([item.email for item in chunk])
-                _record_results(chunk, items, result)
-        else:
-            for item in outgoing:
-                result.requests += 1
-                _record_results([item], [_send_one(item.email)], result)
+        for index, chunk in enumerate(chunks):
+            try:
+                throttle.acquire_for_batch(
+                    recipients=[item.message.to_email for item in chunk], timeout=_acquire_timeout()
+                )
+            except throttle.ThrottleError as exc:
+                rest = [item.message for later in chunks[index:] for item in later]
+                wait = max(1.0, float(getattr(exc, "wait", 0) or 5.0))
+                _requeue(
+                    rest,
+                    send_after=timezone.now() + timedelta(seconds=wait),
+                    reason=f"waiting for the send rate limit ({exc})"[:255],
+                )
+                result.throttled += len(rest)
+                not_sent += len(rest)
+                break
+            handed = _hand_off(chunk, result)
+            not_sent += len(chunk) - len(handed)
+            if not handed:
+                continue
+            result.requests += 1
+            if batch_sender is not None:
+                items = batch_sender.send([item.email for item in handed])
+            else:
+                items = [_send_one(item.email) for item in handed]
+            not_sent += _feed_back(items)
+            _record_results(handed, items, result)
     finally:
         connection.close()
+        if schedule is not None and admission.day is not None and not_sent:
+            warmup_release(schedule=schedule, count=not_sent, day=admission.day)
     _count(result)
     return result
+
+
+def _acquire_timeout() -> float:
+    # Long enough to ride out ordinary waits, short enough that a claimed batch goes
+    # back to the queue well inside its lease.
+    return float(min(30.0, _options()["SEND_LEASE_SECONDS"] / 10))
+
+
+def _feed_back(items: list[BatchItemResult]) -> int:
+    """Tell the adaptive rate limit how the request went; return how many messages
+    provably did not reach the ESP (their warm-up allowance is given back)."""
+    errors = [classify_send_error(item.error) for item in items if item.error is not None]
+    limited = [e for e in errors if e.reason.startswith("rate limited")]
+    if limited:
+        retry_after = max((e.retry_after or 0.0) for e in limited) or None
+        throttle.report_rate_limited(retry_after=retry_after, reason="the ESP answered 429")
+    else:
+        throttle.report_success()
+    return sum(1 for e in errors if e.kind == ErrorKind.RETRYABLE)
+
+
+def _requeue(messages: list[Message], *, send_after: datetime, reason: str) -> int:
+    """Claimed messages that will not be sent in this batch go back to the queue as
+    they were (nothing left the building: no attempt is counted)."""
+    return Message.objects.filter(pk__in=[m.pk for m in messages], status=Message.Status.CLAIMED).update(
+        status=Message.Status.QUEUED,
+        send_after=send_after,
+        status_reason=reason[:255],
+        locked_until=None,
+        updated_at=timezone.now(),
+    )
 
 
 def _count(result: SendBatchResult) -> None:
@@ -315,6 +389,21 @@ def _prepare(messages: list[Message], connection: object, result: SendBatchResul
     """Render every claimed message; a message that cannot be rendered fails alone."""
     outgoing = []
     for message in messages:
+        if message.contact is not None:
+            # Consent may have been withdrawn (or the contact erased) since the message
+            # was created; only the compliance switches that are on cost a query.
+            consent = consent_decision(
+                contact=message.contact, purpose=message.purpose, transactional=message.transactional
+            )
+            if not consent.allowed:
+                _finish(
+                    message,
+                    status=Message.Status.SUPPRESSED,
+                    reason=consent.reason,
+                    from_status=Message.Status.CLAIMED,
+                )
+                result.count("suppressed")
+                continue
         links = message_links(message=message)
         try:
             rendered = message_render(message=message, links=links)
@@ -362,8 +451,12 @@ def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgo
             message.attempts += 1
             kept.append(item)
             continue
+        # Postgres refused the hand-off; ask Postgres (not a cache) why.
         decision = send_decision(
-            email=message.to_email, purpose=message.purpose, transactional=message.transactional
+            email=message.to_email,
+            purpose=message.purpose,
+            transactional=message.transactional,
+            authoritative=True,
         )
         if not decision.allowed:
             _finish(
@@ -415,7 +508,14 @@ def _record_sent(rows: list[tuple[int, str, str]]) -> None:
         f"FROM v WHERE {table}.id = CAST(v.id AS BIGINT)"
     )
     flat: list[int | str] = [value for row in rows for value in row]
-    params: list[int | str | datetime] = [*flat, Message.Status.SENDING, Message.Status.UNKNOWN, Message.Status.SENT, now, now]
+    params: list[int | str | datetime] = [
+        *flat,
+        Message.Status.SENDING,
+        Message.Status.UNKNOWN,
+        Message.Status.SENT,
+        now,
+        now,
+    ]
     with db_connection.cursor() as cursor:
         cursor.execute(sql, params)
 
@@ -560,6 +660,7 @@ def messages_replay(*, message_ids: list[int]) -> int:
     return (
         Message.objects.filter(id__in=message_ids, status__in=[Message.Status.DEAD, Message.Status.FAILED])
         .filter(esp_message_id="")
+        .exclude(contact__erased_at__isnull=False)
         .update(status=Message.Status.QUEUED, status_reason="replayed", attempts=0, send_after=timezone.now())
     )
 

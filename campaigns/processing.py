@@ -22,7 +22,9 @@ from campaigns.models import Automation, Contact, Message, OutboxEvent, Template
 from campaigns.rules import RuleError, evaluate
 from campaigns.selectors import template_version_for
 from mailauto.lib.backoff import retry_delay
-from suppression.selectors import send_decision
+from suppression.consent import consent_decision
+from suppression.residency import residency_decision
+from suppression.selectors import DecisionRequest, SendDecision, send_decision, send_decisions
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,15 @@ def events_process_batch(*, limit: int | None = None) -> BatchResult:
         for contact in Contact.objects.filter(user_id__in={event.user_id for event in events})
     }
     versions: dict[int, TemplateVersion | None] = {}
+    # Every (address, purpose) this batch could send to, decided in two queries.
+    decisions = send_decisions(
+        [
+            DecisionRequest(email=contact.email, purpose=a.purpose, transactional=a.is_transactional)
+            for event in events
+            if (contact := contacts.get(event.user_id)) is not None
+            for a in automations.get(event.event_type_id, [])
+        ]
+    )
     try:
         with transaction.atomic():
             plans = [
@@ -99,6 +110,7 @@ def events_process_batch(*, limit: int | None = None) -> BatchResult:
                     automations=automations.get(event.event_type_id, []),
                     contact=contacts.get(event.user_id),
                     versions=versions,
+                    decisions=decisions,
                 )
                 for event in events
             ]
@@ -114,6 +126,7 @@ def events_process_batch(*, limit: int | None = None) -> BatchResult:
                         automations=automations.get(event.event_type_id, []),
                         contact=contacts.get(event.user_id),
                         versions=versions,
+                        decisions=decisions,
                     )
                     _write_plans([plan])
                 plans.append(plan)
@@ -181,10 +194,12 @@ def event_plan(
     automations: list[Automation],
     contact: Contact | None,
     versions: dict[int, TemplateVersion | None],
+    decisions: dict[DecisionRequest, SendDecision] | None = None,
 ) -> EventPlan:
     """Decide what one event causes. Reads only; the caller writes the plan.
 
-    `versions` caches each automation's template version for the batch.
+    `versions` caches each automation's template version for the batch; `decisions`
+    holds suppression decisions made for the whole batch (asked one by one if absent).
     """
     now = timezone.now()
     plan = EventPlan(event=event, messages=[], outcome=[])
@@ -193,6 +208,12 @@ def event_plan(
         return plan
     if contact is None:
         plan.outcome.append(f"no contact with user_id {event.user_id!r} (identify() it first)")
+        return plan
+    allowed, reason = residency_decision(contact=contact)
+    if not allowed:
+        # Data residency: this deployment may not process this contact at all.
+        plan.status = OutboxEvent.Status.REFUSED
+        plan.outcome.append(f"refused: {reason}")
         return plan
     data = {
         "payload": event.payload,
@@ -221,9 +242,16 @@ def event_plan(
                 f"{automation.name}: template {automation.template.name!r} has no published version"
             )
             continue
-        decision = send_decision(
+        request = DecisionRequest(
             email=contact.email, purpose=automation.purpose, transactional=automation.is_transactional
         )
+        decision = (decisions or {}).get(request) or send_decision(
+            email=request.email, purpose=request.purpose, transactional=request.transactional
+        )
+        if decision.allowed:
+            decision = consent_decision(
+                contact=contact, purpose=automation.purpose, transactional=automation.is_transactional
+            )
         plan.messages.append(
             Message(
                 idempotency_key=f"{event.event_id}:{automation.pk}",
@@ -234,6 +262,8 @@ def event_plan(
                 template_version=version,
                 purpose=automation.purpose,
                 transactional=automation.is_transactional,
+                # Receipts and password resets go before marketing under a warm-up cap.
+                priority=10 if automation.is_transactional else 100,
                 status=Message.Status.QUEUED if decision.allowed else Message.Status.SUPPRESSED,
                 status_reason=decision.reason,
                 send_after=max(now, event.occurred_at + automation.delay),

@@ -13,7 +13,7 @@ from typing import Any
 from celery import shared_task
 from django.utils import timezone
 
-from campaigns import delivery, processing
+from campaigns import delivery, processing, warmup
 from campaigns.models import Message, OutboxEvent
 from mailauto.lib import nudge
 
@@ -67,3 +67,9 @@ def sweep_outbox() -> None:
         events_process.apply_async()
     if due_messages.exists():
         messages_send.apply_async()
+
+
+@shared_task(ignore_result=True)
+def sweep_warmup() -> int:
+    """Beat, daily: move each warm-up schedule one step on, or hold it (campaigns/warmup.py)."""
+    return len(warmup.warmup_advance_all())

@@ -70,6 +70,12 @@ def check_mailauto_options(app_configs: Any, **kwargs: Any) -> list:
         "EVENT_MAX_ATTEMPTS",
         "EVENT_LEASE_SECONDS",
         "SWEEP_INTERVAL_SECONDS",
+        "SUPPRESSION_SYNC_INTERVAL_SECONDS",
+        "TEMPLATE_CACHE_TTL_SECONDS",
+        "UNKNOWN_RESEND_GRACE_SECONDS",
+        "REPUTATION_MIN_VOLUME",
+        "REPUTATION_WINDOW_HOURS",
+        "CONSENT_CONFIRM_MAX_AGE_SECONDS",
     ]
     for name in positive:
         if not options[name] > 0:
@@ -112,3 +118,17 @@ def check_production_secrets(app_configs: Any, **kwargs: Any) -> list:
     if settings.DEBUG:
         errors.append(Error("DEBUG is on.", id="mailauto.E013"))
     return errors
+
+
+@register()
+def check_rate_limits(app_configs: Any, **kwargs: Any) -> list:
+    from campaigns.throttle import configuration_errors
+
+    return [
+        Error(
+            message,
+            hint="See the README, 'Rate limits, adaptive throttling and warm-up'.",
+            id="mailauto.E005",
+        )
+        for message in configuration_errors()
+    ]

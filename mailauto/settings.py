@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import environ
+from celery.schedules import crontab
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("MAILAUTO_VAR_DIR", BASE_DIR / "var"))
@@ -107,6 +108,9 @@ REDIS_URL = env.str("REDIS_URL", default="")
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
     CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
+    # An unacknowledged task is redelivered after this long (acks_late); tasks hand over
+    # to a fresh task within ~20 s, so an hour only ever matters for a dead worker.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 else:
     # No server: a cache shared by every process on this machine (files), and kombu's
     # filesystem transport as the broker. Both work across web, worker and beat.
@@ -141,7 +145,11 @@ CELERY_TASK_ROUTES = {
     "campaigns.tasks.messages_*": {"queue": "sends"},
     "webhooks.tasks.*": {"queue": "webhooks"},
     "campaigns.tasks.sweep_*": {"queue": "housekeeping"},
+    "suppression.tasks.*": {"queue": "housekeeping"},
+    "suppression.compliance_tasks.*": {"queue": "housekeeping"},
 }
+# Autodiscovery finds only modules named tasks.py.
+CELERY_IMPORTS = ["suppression.compliance_tasks"]
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
@@ -180,8 +188,35 @@ MAILAUTO = {
     "SEND_BATCH_SIZE": env.int("MAILAUTO_SEND_BATCH_SIZE", default=500),
     "SEND_LEASE_SECONDS": env.int("MAILAUTO_SEND_LEASE_SECONDS", default=300),
     "UNKNOWN_RESEND_GRACE_SECONDS": env.int("MAILAUTO_UNKNOWN_RESEND_GRACE", default=6 * 3600),
+    # The shared rate limit (campaigns/throttle.py): a token bucket per ESP account in
+    # Redis (or a state file under VAR_DIR without Redis). BURST: requests that may go
+    # at once after a quiet spell (default: one second's worth). ACCOUNT: names the ESP
+    # account the limit belongs to (default: a hash of the ESP's API key).
+    "RATE_LIMIT_BURST": env.float(
+        "MAILAUTO_RATE_LIMIT_BURST", default=env.float("MAILAUTO_RATE_LIMIT", default=100.0)
+    ),
+    "RATE_LIMIT_ACCOUNT": env.str("MAILAUTO_RATE_LIMIT_ACCOUNT", default=""),
+    # Per mailbox provider (gmail, outlook, yahoo, icloud, other), messages/s, as JSON,
+    # e.g. '{"gmail": 50, "yahoo": 20}'. Empty: no per-provider limit.
+    "PROVIDER_RATE_LIMITS": env.json("MAILAUTO_PROVIDER_RATE_LIMITS", default={}),
+    # Adaptive throttling (AIMD) of the shared rate: a 429 multiplies it by the factor
+    # (not below MIN_RATE, not twice within the cooldown); clean sends add
+    # INCREASE_FRACTION of the configured rate per ~second's worth of requests.
+    "THROTTLE_DECREASE_FACTOR": env.float("MAILAUTO_THROTTLE_DECREASE_FACTOR", default=0.5),
+    "THROTTLE_MIN_RATE": env.float("MAILAUTO_THROTTLE_MIN_RATE", default=1.0),
+    "THROTTLE_INCREASE_FRACTION": env.float("MAILAUTO_THROTTLE_INCREASE_FRACTION", default=0.02),
+    "THROTTLE_DECREASE_COOLDOWN_SECONDS": env.float("MAILAUTO_THROTTLE_DECREASE_COOLDOWN", default=2.0),
+    # Warm-up (campaigns/warmup.py): the WarmupSchedule that applies is the one named
+    # after this stream, or, when empty, after the domain of DEFAULT_FROM_EMAIL.
+    "WARMUP_STREAM": env.str("MAILAUTO_WARMUP_STREAM", default=""),
     # Events
     "EVENTS_API_RATE_LIMIT": env.str("MAILAUTO_EVENTS_API_RATE_LIMIT", default="6000/m"),
+    # ESP webhooks (webhooks/): per client IP, django-ratelimit syntax. ESPs post from a
+    # few addresses in bursts after a broadcast, so the default is high.
+    "WEBHOOK_RATE_LIMIT": env.str("MAILAUTO_WEBHOOK_RATE_LIMIT", default="60000/m"),
+    # Suppress an address after this many soft bounces within this many days.
+    "SOFT_BOUNCE_LIMIT": env.int("MAILAUTO_SOFT_BOUNCE_LIMIT", default=3),
+    "SOFT_BOUNCE_WINDOW_DAYS": env.int("MAILAUTO_SOFT_BOUNCE_WINDOW_DAYS", default=7),
     "EVENT_BATCH_SIZE": env.int("MAILAUTO_EVENT_BATCH_SIZE", default=200),
     "EVENT_MAX_ATTEMPTS": env.int("MAILAUTO_EVENT_MAX_ATTEMPTS", default=5),
     "EVENT_LEASE_SECONDS": env.int("MAILAUTO_EVENT_LEASE_SECONDS", default=300),
@@ -191,12 +226,50 @@ MAILAUTO = {
     # Suppression
     "SUPPRESSION_STORAGE": env.str("MAILAUTO_SUPPRESSION_STORAGE", default="database"),
     "SUPPRESSION_SYNC_INTERVAL_SECONDS": env.int("MAILAUTO_SUPPRESSION_SYNC_INTERVAL", default=300),
+    # Recipient pages (suppression/unsubscribe.py): unsubscribe links work whatever their
+    # age; a preference-centre link (which can opt back in) for this many days.
+    "PREFERENCES_LINK_MAX_AGE_DAYS": env.int("MAILAUTO_PREFERENCES_LINK_MAX_AGE_DAYS", default=365),
+    # Per client IP on /u/ and /preferences/ (django-ratelimit syntax). An authentic
+    # opt-out is honoured even over the limit.
+    "RECIPIENT_RATE_LIMIT": env.str("MAILAUTO_RECIPIENT_RATE_LIMIT", default="60/m"),
     # Operations
     "METRICS_TOKEN": env_secret("MAILAUTO_METRICS_TOKEN") or "",
     # Compliance switches
     "GDPR": env.bool("MAILAUTO_GDPR", default=True),
     "CCPA": env.bool("MAILAUTO_CCPA", default=False),
     "CONSENT_CHECK": env.bool("MAILAUTO_CONSENT_CHECK", default=False),
+    # Regions (Contact.region values, lower case) where GDPR makes consent a condition
+    # of marketing mail; "unknown" stands for an empty region. Default: the EU/EEA
+    # countries and "eu"/"eea", plus the UK (UK GDPR + PECR). See suppression/consent.py.
+    "GDPR_REGIONS": [
+        region.strip().lower()
+        for region in env.list(
+            "MAILAUTO_GDPR_REGIONS",
+            default=[
+                *["eu", "eea", "at", "be", "bg", "hr", "cy", "cz", "dk", "ee", "fi", "fr", "de", "gr"],
+                *["hu", "ie", "it", "lv", "lt", "lu", "mt", "nl", "pl", "pt", "ro", "sk", "si", "es"],
+                *["se", "is", "li", "no", "gb", "uk"],
+            ],
+        )
+    ],
+    # Purposes whose mail shares personal data with third parties (ads, partners):
+    # blocked for contacts with do_not_sell when CCPA is on.
+    "CCPA_SHARING_PURPOSES": env.list(
+        "MAILAUTO_CCPA_SHARING_PURPOSES", default=["advertising", "partner-offers", "sponsored"]
+    ),
+    # Double opt-in: consent_collect() asks for confirmation by email instead of granting.
+    "DOUBLE_OPT_IN": env.bool("MAILAUTO_DOUBLE_OPT_IN", default=False),
+    "CONSENT_CONFIRM_MAX_AGE_SECONDS": env.int("MAILAUTO_CONSENT_CONFIRM_MAX_AGE", default=7 * 86400),
+    # Data residency: regions whose contacts may be processed; empty means all.
+    "ALLOWED_REGIONS": [
+        region.strip().lower() for region in env.list("MAILAUTO_ALLOWED_REGIONS", default=[])
+    ],
+    # Reputation guard: pause an automation whose rates over the trailing window reach
+    # these limits (with at least MIN_VOLUME messages handed to the ESP in the window).
+    "REPUTATION_COMPLAINT_RATE": env.float("MAILAUTO_REPUTATION_COMPLAINT_RATE", default=0.003),
+    "REPUTATION_BOUNCE_RATE": env.float("MAILAUTO_REPUTATION_BOUNCE_RATE", default=0.05),
+    "REPUTATION_MIN_VOLUME": env.int("MAILAUTO_REPUTATION_MIN_VOLUME", default=100),
+    "REPUTATION_WINDOW_HOURS": env.int("MAILAUTO_REPUTATION_WINDOW_HOURS", default=24),
 }
 
 # --- The rest of Django ----------------------------------------------------------------
@@ -226,7 +299,9 @@ LOGGING = {
     },
     # LOG_FORMAT=json for log shippers; key=value lines otherwise. Either way the ids
     # passed as `extra=` (event_id, message_id, …) are in the line, never PII.
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": env.str("LOG_FORMAT", default="plain")}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": env.str("LOG_FORMAT", default="plain")}
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
@@ -235,5 +310,21 @@ CELERY_BEAT_SCHEDULE = {
     "sweep-outbox": {
         "task": "campaigns.tasks.sweep_outbox",
         "schedule": float(MAILAUTO["SWEEP_INTERVAL_SECONDS"]),
+    },
+    "suppression-mirror-sync": {
+        "task": "suppression.tasks.suppression_mirror_sync",
+        "schedule": float(MAILAUTO["SUPPRESSION_SYNC_INTERVAL_SECONDS"]),
+        # A rebuild still queued when the next one is due is superseded by it.
+        "options": {"queue": "housekeeping", "expires": float(MAILAUTO["SUPPRESSION_SYNC_INTERVAL_SECONDS"])},
+    },
+    "warmup-advance": {
+        # Shortly after midnight UTC: review yesterday, move each warm-up one step on or hold.
+        "task": "campaigns.tasks.sweep_warmup",
+        "schedule": crontab(hour=0, minute=5),
+    },
+    "reputation-check": {
+        "task": "suppression.compliance_tasks.reputation_check",
+        "schedule": 300.0,
+        "options": {"expires": 300.0},
     },
 }

@@ -14,4 +14,6 @@ urlpatterns = [
     path("health/", views.health, name="health"),
     path("metrics", views.metrics, name="metrics"),
     path("", include("campaigns.urls")),
+    path("", include("suppression.urls")),
+    path("consent/", include("suppression.consent_urls")),
 ]

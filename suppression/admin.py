@@ -1,5 +1,6 @@
 """The suppression list in the admin. Adding goes through suppression_add; removing is an
-action that asks for a reason and goes through suppression_remove; nothing is edited."""
+action that asks for a reason and goes through suppression_remove; nothing is edited.
+Topics (what the preference centre lists) are edited here too."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
-from suppression.models import Suppression, SuppressionLogEntry
+from suppression.models import Suppression, SuppressionLogEntry, Topic
 from suppression.services import normalize_email, suppression_add, suppression_remove
 
 # The confirmation page lists at most this many; the action still covers the whole selection.
@@ -119,3 +120,20 @@ class SuppressionLogEntryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: SuppressionLogEntry | None = None) -> bool:
         return False
+
+
+@admin.register(Topic)
+class TopicAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "public", "position"]
+    list_editable = ["public", "position"]
+    list_filter = ["public"]
+    search_fields = ["name", "slug"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Topic | None = None) -> tuple[str, ...]:
+        # Opt-outs are Suppression rows keyed on the slug: renaming it would silently
+        # re-subscribe everyone who opted out.
+        return ("slug", "created_at") if obj is not None else ("created_at",)
+
+
+# Consent ledger, hashed suppressions and the privacy audit log.
+import suppression.admin_compliance  # noqa: E402,F401

@@ -28,6 +28,18 @@ def _no_pending_nudges() -> None:
     cache.delete_many(["mailauto:nudge:events", "mailauto:nudge:sends"])
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rate_limits() -> None:
+    """The shared token buckets (and their adaptive state) live in Redis; a 429 in one
+    test must not slow down the next."""
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    keys = list(client.scan_iter("mailauto:throttle:*"))
+    if keys:
+        client.delete(*keys)
+
+
 @pytest.fixture
 def sandbox() -> Iterator[SandboxServer]:
     server = SandboxServer(port=0).start()

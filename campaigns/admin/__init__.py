@@ -6,6 +6,7 @@ read-only here, and their actions only re-queue work (the workers do it after co
 from campaigns.admin.automations import AutomationAdmin, AutomationForm, SeedListAdmin, SeedListForm
 from campaigns.admin.common import ExactSearchMixin
 from campaigns.admin.contacts import ContactAdmin
+from campaigns.admin.delivery import WarmupScheduleAdmin
 from campaigns.admin.events import ApiSourceAdmin, EventTypeAdmin, OutboxEventAdmin
 from campaigns.admin.messages import MessageAdmin
 from campaigns.admin.templates import (
@@ -30,4 +31,5 @@ __all__ = [
     "TemplateVersionAdmin",
     "TemplateVersionForm",
     "TemplateVersionInline",
+    "WarmupScheduleAdmin",
 ]

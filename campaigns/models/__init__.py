@@ -12,6 +12,7 @@ from campaigns.models.core import (
     SeedList,
     TemplateVersion,
 )
+from campaigns.models.delivery import WarmupDay, WarmupSchedule
 
 __all__ = [
     "EVENT_TYPE_NAME",
@@ -24,4 +25,6 @@ __all__ = [
     "OutboxEvent",
     "SeedList",
     "TemplateVersion",
+    "WarmupDay",
+    "WarmupSchedule",
 ]

@@ -322,6 +322,9 @@ class Message(models.Model):
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
     status_reason = models.CharField(max_length=255, blank=True)
     send_after = models.DateTimeField(default=timezone.now)
+    priority = models.PositiveSmallIntegerField(
+        default=100, help_text="Lower is sooner: under a warm-up cap, low numbers go first."
+    )
     attempts = models.PositiveIntegerField(default=0, help_text="Hand-offs to the ESP.")
     locked_until = models.DateTimeField(null=True, blank=True)
     resent_after_unknown = models.BooleanField(
@@ -339,12 +342,13 @@ class Message(models.Model):
         ordering = ["-id"]
         indexes = [
             models.Index(
-                fields=["send_after", "id"],
+                fields=["priority", "send_after", "id"],
                 name="message_claimable",
                 condition=Q(status__in=["queued", "claimed", "sending"]),
             ),
             models.Index(fields=["status", "-id"], name="message_status"),
             models.Index(fields=["to_email"], name="message_to_email"),
+            models.Index(fields=["sent_at"], name="message_sent_at"),
         ]
 
     def __str__(self) -> str:

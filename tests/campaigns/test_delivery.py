@@ -146,7 +146,27 @@ class SendTests(SandboxTestCase):
         self.assertGreaterEqual(message.send_after, timezone.now() + timedelta(seconds=115))
         self.assertIn("429", message.last_error)
         self.assertEqual(len(message.error_history), 1)
-        # Once due again it goes out.
+        # The 429 paused the shared rate limit for every worker until Retry-After.
+        from campaigns import throttle
+
+        state = throttle.effective_rate()
+        self.assertIsNotNone(state.paused_until)
+        self.assertGreaterEqual(state.paused_until, timezone.now() + timedelta(seconds=100))
+        self.assertLess(state.rate, state.ceiling)
+        Message.objects.filter(pk=message.pk).update(send_after=timezone.now())
+        result = messages_send_batch()
+        self.assertEqual((result.throttled, result.requests), (1, 0))
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.QUEUED)
+        self.assertIn("waiting for the send rate limit", message.status_reason)
+        self.assertEqual(message.attempts, 1)  # waiting for a token is not an attempt
+
+        # Once the pause is over (forget the bucket's state) it goes out.
+        import redis
+        from django.conf import settings
+
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        client.delete(*client.scan_iter("mailauto:throttle:*"))
         Message.objects.filter(pk=message.pk).update(send_after=timezone.now())
         messages_send_batch()
         message.refresh_from_db()
@@ -284,3 +304,37 @@ def test_read_timeout_is_ambiguous() -> None:
         raise AnymailAPIError("post failed") from requests.ReadTimeout("read timed out")
     except AnymailAPIError as exc:
         assert classify_send_error(exc).kind == ErrorKind.AMBIGUOUS
+
+
+class WarmupAndPriorityTests(SandboxTestCase):
+    def test_over_todays_cap_waits_for_tomorrow_highest_priority_first(self) -> None:
+        from campaigns.models import WarmupSchedule
+
+        WarmupSchedule.objects.create(name="mailauto.test", start_date=timezone.now().date(), daily_caps=[2, None])
+        marketing = [
+            factories.message(self.version, factories.contact(email=f"m{n}@example.com"), self.event) for n in range(2)
+        ]
+        receipt = factories.message(
+            self.version, factories.contact(email="r@example.com"), self.event, priority=10, transactional=True
+        )
+        result = messages_send_batch()
+        self.assertEqual((result.sent, result.deferred), (2, 1))
+        receipt.refresh_from_db()
+        self.assertEqual(receipt.status, Message.Status.SENT)  # lowest number first
+        waiting = [m for m in marketing if (m.refresh_from_db() or m.status == Message.Status.QUEUED)]
+        self.assertEqual(len(waiting), 1)
+        self.assertIn("warm-up cap", waiting[0].status_reason)
+        tomorrow = (timezone.now() + timedelta(days=1)).date()
+        self.assertEqual(waiting[0].send_after.date(), tomorrow)
+        self.assertEqual(waiting[0].attempts, 0)
+        self.assertEqual(len(self.sandbox.messages()), 2)
+
+    def test_paused_automation_holds_its_queued_messages(self) -> None:
+        automation = factories.automation(self.type, self.version, active=False)
+        message = self.queued(automation=automation)
+        self.assertEqual(messages_send_batch().claimed, 0)
+        automation.active = True
+        automation.save(update_fields=["active"])
+        self.assertEqual(messages_send_batch().sent, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.SENT)

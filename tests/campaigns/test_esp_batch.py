@@ -13,7 +13,9 @@ from tests.campaigns.test_delivery import SandboxTestCase
 
 class BatchSendTests(SandboxTestCase):
     def make(self, emails: list[str]) -> list[Message]:
-        return [factories.message(self.version, factories.contact(email=email), self.event) for email in emails]
+        return [
+            factories.message(self.version, factories.contact(email=email), self.event) for email in emails
+        ]
 
     def test_many_messages_go_in_one_request_each_with_its_own_result(self) -> None:
         messages = self.make([f"p{n}@example.com" for n in range(5)])

@@ -8,7 +8,7 @@ from django.contrib.messages import get_messages
 from django.test import TestCase
 from django.urls import reverse
 
-from suppression.models import Suppression, SuppressionLogEntry
+from suppression.models import Suppression, SuppressionLogEntry, Topic
 from suppression.services import suppression_add
 
 CHANGELIST = reverse("admin:suppression_suppression_changelist")
@@ -175,3 +175,21 @@ class SuppressionRemoveTests(SuppressionAdminTestCase):
 
         self.assertFalse(Suppression.objects.filter(pk=self.bounced.pk).exists())
         self.assertEqual(SuppressionLogEntry.objects.get(action="removed").source, "admin:clerk")
+
+
+class TopicAdminTests(SuppressionAdminTestCase):
+    def test_a_topic_is_created_and_its_slug_is_then_read_only(self) -> None:
+        add = reverse("admin:suppression_topic_add")
+        response = self.client.post(
+            add,
+            {"slug": "newsletter", "name": "Newsletter", "description": "", "public": "on", "position": 0},
+        )
+        self.assertEqual(response.status_code, 302)
+        topic = Topic.objects.get(slug="newsletter")
+        change = reverse("admin:suppression_topic_change", args=[topic.pk])
+
+        self.client.post(change, {"slug": "renamed", "name": "The newsletter", "position": 1})
+
+        topic.refresh_from_db()
+        # Opt-outs are stored against the slug: renaming it would re-subscribe people.
+        self.assertEqual((topic.slug, topic.name, topic.public), ("newsletter", "The newsletter", False))

@@ -1,0 +1,221 @@
+"""The reputation guard: bounce and complaint rates, and the automatic pause."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from datetime import UTC, date, datetime, timedelta
+
+import time_machine
+from django.conf import settings
+from django.core.management import call_command
+from django.test import TestCase, override_settings
+
+from campaigns.models import Automation, Message, TemplateVersion
+from suppression import compliance_tasks
+from suppression.reputation import SOURCES, reputation_check, reputation_report, source_figures
+from tests import factories
+
+NOW = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
+_keys = itertools.count(1)
+
+
+def limits(**options: object) -> override_settings:
+    return override_settings(
+        MAILAUTO={
+            **settings.MAILAUTO,
+            "REPUTATION_COMPLAINT_RATE": 0.003,
+            "REPUTATION_BOUNCE_RATE": 0.05,
+            "REPUTATION_MIN_VOLUME": 100,
+            "REPUTATION_WINDOW_HOURS": 24,
+            **options,
+        }
+    )
+
+
+@time_machine.travel(NOW, tick=False)
+class ReputationTestCase(TestCase):
+    @classmethod
+    def setUpTestData(cls) -> None:
+        cls.trigger = factories.event_type()
+        cls.version = factories.published_version()
+        cls.welcome = factories.automation(cls.trigger, cls.version, name="Welcome")
+        cls.digest = factories.automation(cls.trigger, factories.published_version(), name="Digest")
+
+    def send(
+        self,
+        automation: Automation | None,
+        count: int,
+        status: str = Message.Status.DELIVERED,
+        ago: timedelta | None = timedelta(hours=1),
+    ) -> None:
+        """`count` messages of `automation` in `status`, handed over `ago` before NOW
+        (None: never handed over)."""
+        version = (
+            TemplateVersion.objects.filter(template=automation.template).first()
+            if automation
+            else self.version
+        )
+        Message.objects.bulk_create(
+            Message(
+                idempotency_key=f"rep-{next(_keys)}",
+                automation=automation,
+                to_email=f"r{n}@example.com",
+                template_version=version,
+                purpose="marketing",
+                status=status,
+                sent_at=None if ago is None else NOW - ago,
+            )
+            for n in range(count)
+        )
+
+
+class RateTests(ReputationTestCase):
+    def test_rates_count_only_messages_handed_to_the_esp_in_the_window(self) -> None:
+        self.send(self.welcome, 190)
+        self.send(self.welcome, 6, Message.Status.BOUNCED)
+        self.send(self.welcome, 2, Message.Status.COMPLAINED)
+        self.send(self.welcome, 2, Message.Status.OPENED)
+        # Not handed over: not in the denominator.
+        self.send(self.welcome, 50, Message.Status.QUEUED, ago=None)
+        self.send(self.welcome, 30, Message.Status.SUPPRESSED)
+        self.send(self.welcome, 20, Message.Status.FAILED)
+        # Outside the window.
+        self.send(self.welcome, 40, Message.Status.BOUNCED, ago=timedelta(hours=25))
+
+        (figures,) = source_figures(source=SOURCES[0], since=NOW - timedelta(hours=24), until=NOW)
+
+        self.assertEqual((figures.source_id, figures.name), (self.welcome.pk, "Welcome"))
+        self.assertEqual((figures.handed_over, figures.bounced, figures.complained), (200, 6, 2))
+        self.assertAlmostEqual(figures.bounce_rate, 0.03)
+        self.assertAlmostEqual(figures.complaint_rate, 0.01)
+
+    def test_each_automation_has_its_own_figures(self) -> None:
+        self.send(self.welcome, 10, Message.Status.COMPLAINED)
+        self.send(self.digest, 10)
+        self.send(None, 10, Message.Status.COMPLAINED)  # automation deleted: no source
+
+        figures = {
+            f.name: f.complained
+            for f in source_figures(source=SOURCES[0], since=NOW - timedelta(days=1), until=NOW)
+        }
+        self.assertEqual(figures, {"Welcome": 10, "Digest": 0})
+
+    def test_report_gives_figures_per_day_and_automation(self) -> None:
+        self.send(self.welcome, 100, ago=timedelta(hours=1))
+        self.send(self.welcome, 4, Message.Status.BOUNCED, ago=timedelta(hours=2))
+        self.send(self.welcome, 50, ago=timedelta(days=1))
+        self.send(self.welcome, 1, Message.Status.COMPLAINED, ago=timedelta(days=1))
+        self.send(self.digest, 10, ago=timedelta(days=2))
+        self.send(self.digest, 10, ago=timedelta(days=9))  # before the report
+
+        report = [(f.day, f.name, f.handed_over, f.bounced, f.complained) for f in reputation_report(days=7)]
+
+        self.assertEqual(
+            report,
+            [
+                (date(2025, 3, 10), "Welcome", 104, 4, 0),
+                (date(2025, 3, 9), "Welcome", 51, 0, 1),
+                (date(2025, 3, 8), "Digest", 10, 0, 0),
+            ],
+        )
+
+
+class PauseTests(ReputationTestCase):
+    def test_an_automation_at_the_complaint_limit_is_paused(self) -> None:
+        self.send(self.welcome, 997)
+        self.send(self.welcome, 3, Message.Status.COMPLAINED)  # 0.30%
+
+        with limits():
+            paused = reputation_check()
+
+        self.assertEqual([p.figures.source_id for p in paused], [self.welcome.pk])
+        self.welcome.refresh_from_db()
+        self.assertFalse(self.welcome.active)
+        self.assertEqual(self.welcome.paused_at, NOW)
+        self.assertEqual(
+            self.welcome.paused_reason,
+            "complaint rate 0.30% over the last 24 h reaches 0.30% (Gmail's limit)",
+        )
+        self.digest.refresh_from_db()
+        self.assertTrue(self.digest.active)
+
+    def test_above_the_limit_the_reason_says_exceeds(self) -> None:
+        self.send(self.welcome, 995)
+        self.send(self.welcome, 5, Message.Status.COMPLAINED)  # 0.50%
+        with limits():
+            (paused,) = reputation_check()
+        self.assertEqual(
+            paused.reason, "complaint rate 0.50% over the last 24 h exceeds 0.30% (Gmail's limit)"
+        )
+
+    def test_just_below_the_limit_nothing_is_paused(self) -> None:
+        self.send(self.welcome, 998)
+        self.send(self.welcome, 2, Message.Status.COMPLAINED)  # 0.20%
+        with limits():
+            self.assertEqual(reputation_check(), [])
+        self.welcome.refresh_from_db()
+        self.assertTrue(self.welcome.active)
+
+    def test_below_the_minimum_volume_nothing_is_paused(self) -> None:
+        self.send(self.welcome, 89)
+        self.send(self.welcome, 10, Message.Status.COMPLAINED)  # 99 messages, 10% complaints
+        with limits():
+            self.assertEqual(reputation_check(), [])
+            self.send(self.welcome, 1)  # the 100th
+            self.assertEqual(len(reputation_check()), 1)
+
+    def test_a_bounce_rate_at_the_limit_pauses(self) -> None:
+        self.send(self.welcome, 95)
+        self.send(self.welcome, 5, Message.Status.BOUNCED)
+        with limits():
+            (paused,) = reputation_check()
+        self.assertEqual(paused.reason, "bounce rate 5.00% over the last 24 h reaches 5.00%")
+
+    def test_both_limits_are_named(self) -> None:
+        self.send(self.welcome, 90)
+        self.send(self.welcome, 5, Message.Status.BOUNCED)
+        self.send(self.welcome, 5, Message.Status.COMPLAINED)
+        with limits(REPUTATION_COMPLAINT_RATE=0.01):
+            (paused,) = reputation_check()
+        self.assertEqual(
+            paused.reason,
+            "complaint rate 5.00% over the last 24 h exceeds 1.00%; bounce rate 5.00% over the last 24 h reaches 5.00%",
+        )
+
+    def test_old_complaints_outside_the_window_do_not_pause(self) -> None:
+        self.send(self.welcome, 200)
+        self.send(self.welcome, 50, Message.Status.COMPLAINED, ago=timedelta(hours=24, seconds=1))
+        with limits():
+            self.assertEqual(reputation_check(), [])
+
+    def test_a_paused_automation_is_not_paused_again(self) -> None:
+        self.send(self.welcome, 90)
+        self.send(self.welcome, 10, Message.Status.COMPLAINED)
+        with limits():
+            self.assertEqual(len(reputation_check()), 1)
+            self.assertEqual(reputation_check(), [])
+        self.welcome.refresh_from_db()
+        self.assertEqual(self.welcome.paused_at, NOW)
+
+    def test_an_automation_switched_off_by_hand_keeps_its_state(self) -> None:
+        Automation.objects.filter(pk=self.welcome.pk).update(active=False)
+        self.send(self.welcome, 90)
+        self.send(self.welcome, 10, Message.Status.COMPLAINED)
+        with limits():
+            self.assertEqual(reputation_check(), [])
+        self.welcome.refresh_from_db()
+        self.assertEqual(self.welcome.paused_reason, "")
+
+    def test_the_task_and_the_command_run_the_check(self) -> None:
+        self.send(self.welcome, 90)
+        self.send(self.welcome, 10, Message.Status.COMPLAINED)
+        self.send(self.digest, 90)
+        self.send(self.digest, 10, Message.Status.BOUNCED)
+        with limits(REPUTATION_BOUNCE_RATE=0.5):
+            self.assertEqual(compliance_tasks.reputation_check(), 1)
+        out = io.StringIO()
+        with limits():
+            call_command("reputation_check", "--report", stdout=out)
+        self.assertIn("paused automation 'Digest': bounce rate 10.00%", out.getvalue())
+        self.assertIn("a:Welcome", out.getvalue())
