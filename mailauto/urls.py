@@ -13,6 +13,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("health/", views.health, name="health"),
     path("metrics", views.metrics, name="metrics"),
+    path("webhooks/", include("webhooks.urls")),
     path("", include("campaigns.urls")),
     path("", include("suppression.urls")),
     path("consent/", include("suppression.consent_urls")),

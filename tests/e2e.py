@@ -38,8 +38,14 @@ def purge_broker() -> None:
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
 
 
-def start_worker(sandbox_url: str, *, concurrency: int = 2, log_path: Path | None = None) -> subprocess.Popen:
-    log = open(log_path or os.devnull, "wb")  # noqa: SIM115  (closed with the process)
+def start_worker(
+    sandbox_url: str,
+    *,
+    concurrency: int = 2,
+    log_path: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    log = open(log_path or os.devnull, "ab")  # noqa: SIM115  (closed with the process)
     return subprocess.Popen(
         [
             sys.executable,
@@ -59,7 +65,7 @@ def start_worker(sandbox_url: str, *, concurrency: int = 2, log_path: Path | Non
             "INFO",
         ],
         cwd=ROOT,
-        env=worker_env(sandbox_url),
+        env={**worker_env(sandbox_url), **(extra_env or {})},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # so that the whole process group can be stopped

@@ -1,0 +1,437 @@
+"""Webhook throughput: distinct Postmark Delivery webhooks for existing messages, POSTed
+through the whole HTTP stack (Django's threaded WSGI server in a subprocess, the
+middleware, rate limiting, basic auth, Anymail's parsing, our receiver and Postgres),
+compared with the same POSTs to a Django view that does nothing: the ceiling of the HTTP
+stack on this machine, measured in the same run.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/mailauto REDIS_URL=redis://127.0.0.1:6379/15 \\
+        .venv/bin/python bench/webhooks.py [--webhooks 20000] [--clients 16] [--processes 1]
+
+It works in a throwaway database (<name>_bench_webhooks, every table built from the
+models) that it drops afterwards. Besides the rates it prints the CPU time each party
+spent per request (the server, Postgres, Redis, the client threads), read from /proc,
+which says what limits the figure. It never passes or fails on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+NOOP_PATH = "/_bench/noop/"
+WEBHOOK_PATH = "/webhooks/postmark/tracking/"
+WARMUP = 400
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- the server process -------------------------------------------------------------------
+
+
+def __getattr__(name: str) -> Any:
+    """The server process's URLconf is this module (ROOT_URLCONF = "__main__"): the app's
+    own URLs plus a view that does nothing. Built lazily, because the benchmark process
+    imports this module before Django is set up."""
+    if name == "urlpatterns":
+        from django.urls import include, path
+
+        return [path(NOOP_PATH.strip("/") + "/", _noop_view), path("", include("mailauto.urls"))]
+    raise AttributeError(name)
+
+
+def _noop_view(request: Any) -> Any:
+    from django.http import HttpResponse
+
+    return HttpResponse()
+
+
+_noop_view.csrf_exempt = True  # type: ignore[attr-defined]
+
+
+def serve(port: int) -> None:
+    """Run the Django app in Django's threaded WSGI server (runserver's: HTTP/1.1 with
+    keep-alive, one thread per connection) and print the port once it listens. Several
+    of these may share one port (SO_REUSEPORT), like the workers of a production server."""
+    import logging
+
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
+    from django.core.wsgi import get_wsgi_application
+
+    settings.ROOT_URLCONF = "__main__"
+    app = get_wsgi_application()  # (sets logging up again)
+    logging.getLogger("django.server").setLevel(logging.WARNING)  # no line per request
+
+    class Handler(WSGIRequestHandler):
+        def setup(self) -> None:
+            super().setup()
+            # wsgiref writes the status line, Date, Server and the other headers in
+            # separate sends; with Nagle on, a response then waits for the client's
+            # delayed ACK (~40 ms). Production WSGI servers set TCP_NODELAY too.
+            cast(socket.socket, self.connection).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    class Server(ThreadedWSGIServer):
+        request_queue_size = 128  # runserver's 10 refuses a burst of new connections
+
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
+
+    httpd = Server(("127.0.0.1", port), Handler)
+    httpd.set_app(app)
+    print(f"READY {httpd.server_address[1]}", flush=True)
+    httpd.serve_forever()
+
+
+# --- the benchmark process -----------------------------------------------------------------
+
+
+def seed(count: int) -> list[bytes]:
+    """`count` sent messages, and a distinct Postmark Delivery webhook body for each."""
+    from django.utils import timezone
+
+    from campaigns.models import EmailTemplate, Message, TemplateVersion
+    from mailauto.sandbox.postmark import webhook_payload
+
+    template = EmailTemplate.objects.create(name=f"bench-{uuid.uuid4().hex[:8]}")
+    version = TemplateVersion.objects.create(
+        template=template,
+        number=1,
+        status=TemplateVersion.Status.PUBLISHED,
+        published_at=timezone.now(),
+        subject="Hello",
+        html="<p>Hello</p>",
+    )
+    now = timezone.now()
+    messages = Message.objects.bulk_create(
+        [
+            Message(
+                idempotency_key=f"bench-{n}",
+                to_email=f"person{n}@example.com",
+                template_version=version,
+                purpose="marketing",
+                status=Message.Status.SENT,
+                esp_message_id=str(uuid.uuid4()),
+                sent_at=now,
+            )
+            for n in range(count)
+        ],
+        batch_size=5000,
+    )
+    return [
+        json.dumps(
+            webhook_payload(
+                "Delivery",
+                {
+                    "message_id": m.esp_message_id,
+                    "metadata": {"mailauto_message_id": str(m.pk)},
+                    "tag": m.purpose,
+                },
+                m.to_email,
+            )
+        ).encode()
+        for m in messages
+    ]
+
+
+def _proc_cpu_seconds(pid: int) -> tuple[str, float, float]:
+    """(command name, user CPU seconds, system CPU seconds) of a process, all threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return name, int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def _bench_backends() -> list[int]:
+    """The Postgres backends serving the benchmark's database (not other users')."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        return [row[0] for row in cursor.fetchall()]
+
+
+def cpu_snapshot(servers: list[int]) -> dict[int, tuple[str, float, float]]:
+    """pid -> (party, CPU seconds, of which in the kernel) for the server processes, the
+    Postgres backends of the benchmark's database, every redis-server, and this process
+    (the client threads)."""
+    backends = set(_bench_backends())
+    snapshot: dict[int, tuple[str, float, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            name, user, system = _proc_cpu_seconds(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if pid in servers:
+            snapshot[pid] = ("server", user + system, system)
+        elif pid in backends:
+            snapshot[pid] = ("postgres", user + system, system)
+        elif name.startswith("redis-server"):
+            snapshot[pid] = ("redis", user + system, system)
+        elif pid == os.getpid():
+            snapshot[pid] = ("client", user + system, system)
+    return snapshot
+
+
+def cpu_by_party(
+    before: dict[int, tuple[str, float, float]], after: dict[int, tuple[str, float, float]]
+) -> dict[str, float]:
+    """CPU seconds each party used between two snapshots; a process that started in
+    between counts from zero (one that ended in between is lost, and counts nothing)."""
+    totals = {"server": 0.0, "(server in kernel)": 0.0, "postgres": 0.0, "redis": 0.0, "client": 0.0}
+    for pid, (party, seconds, system) in after.items():
+        _, seconds_before, system_before = before.get(pid, (party, 0.0, 0.0))
+        totals[party] += seconds - seconds_before
+        if party == "server":
+            totals["(server in kernel)"] += system - system_before
+    return totals
+
+
+@dataclass
+class Run:
+    seconds: float
+    statuses: Counter[int | str]
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    def rate(self, n: int) -> float:
+        return n / self.seconds
+
+
+def post_all(port: int, path: str, bodies: list[bytes], clients: int, auth: str, servers: list[int]) -> Run:
+    """POST every body from `clients` threads, each on one kept-alive connection.
+    Returns the wall time from the first request to the last answer, the statuses and
+    the CPU time each party spent meanwhile."""
+    statuses: Counter[int | str] = Counter()
+    lock = threading.Lock()
+    start, finished = threading.Barrier(clients + 1), threading.Barrier(clients + 1)
+    may_close = threading.Event()
+    headers = {"Content-Type": "application/json", "Authorization": auth, "User-Agent": "Postmark"}
+
+    def connect() -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.connect()
+        # http.client sends the headers and the body separately: without NODELAY,
+        # Nagle holds the body back until the server's delayed ACK.
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def client(share: list[bytes]) -> None:
+        seen: Counter[int | str] = Counter()
+        conn = connect()
+        start.wait()
+        for body in share:
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                seen[response.status] += 1
+            except (OSError, http.client.HTTPException) as err:
+                seen[type(err).__name__] += 1
+                conn.close()
+                conn = connect()
+        with lock:
+            statuses.update(seen)
+        finished.wait()
+        # Keep the connection (so the server thread and its database connection) until
+        # the CPU they used has been read.
+        may_close.wait()
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(bodies[i::clients],)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    before = cpu_snapshot(servers)
+    sampler = CpuSampler(servers)
+    sampler.start()
+    start.wait()
+    began = time.perf_counter()
+    finished.wait()
+    elapsed = time.perf_counter() - began
+    after = sampler.stop()
+    may_close.set()
+    for thread in threads:
+        thread.join()
+    return Run(elapsed, statuses, cpu_by_party(before, after))
+
+
+class CpuSampler(threading.Thread):
+    """Reads CPU times every half second while a run lasts, so that a database
+    connection Django closes mid-run (CONN_MAX_AGE) still counts what it used."""
+
+    def __init__(self, servers: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.servers = servers
+        self.latest: dict[int, tuple[str, float, float]] = {}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from django.db import connection
+
+        try:
+            while True:
+                self.latest.update(cpu_snapshot(self.servers))
+                if self.stopping.wait(0.5):
+                    break
+            self.latest.update(cpu_snapshot(self.servers))
+        finally:
+            connection.close()  # this thread's own; the database is dropped at the end
+
+    def stop(self) -> dict[int, tuple[str, float, float]]:
+        self.stopping.set()
+        self.join()
+        return self.latest
+
+
+def start_servers(count: int, env: dict[str, str]) -> tuple[list[subprocess.Popen[str]], int]:
+    servers: list[subprocess.Popen[str]] = []
+    port = 0
+    for _ in range(count):
+        server = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve", str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        servers.append(server)
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if not line.startswith("READY "):
+            for started in servers:
+                started.kill()
+            raise SystemExit(f"the server did not start: {line!r}")
+        port = int(line.split()[1])
+    return servers, port
+
+
+def describe(label: str, run: Run, n: int) -> str:
+    cpu = ", ".join(f"{party} {1000 * seconds / n:.2f}" for party, seconds in run.cpu.items())
+    return (
+        f"{label}: {run.rate(n):8,.0f} POSTs/s  {dict(run.statuses)}\n"
+        f"    CPU ms per request: {cpu}  (wall {1000 * run.seconds / n:.3f} ms per request overall)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--webhooks", type=int, default=20_000, help="distinct webhooks to POST (default 20000)"
+    )
+    parser.add_argument(
+        "--clients", type=int, default=16, help="client threads, one connection each (default 16)"
+    )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="server processes sharing the port (default 1)"
+    )
+    args = parser.parse_args()
+
+    database_url = os.environ.get("DATABASE_URL", "")
+    if not database_url.startswith(("postgres://", "postgresql://")):
+        raise SystemExit(
+            "set DATABASE_URL to a Postgres server, e.g. postgres://postgres@127.0.0.1:5432/mailauto"
+        )
+    os.environ["DJANGO_SETTINGS_MODULE"] = "mailauto.settings"
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.db import connection
+
+    from campaigns.models import Message
+    from webhooks.models import TrackingEvent
+
+    db = connection.settings_dict
+    original_name = db["NAME"]
+    db["TEST"] = {**db.get("TEST", {}), "NAME": f"{original_name}_bench_webhooks", "MIGRATE": False}
+    connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
+    servers: list[subprocess.Popen[str]] = []
+    try:
+        bodies = seed(args.webhooks + WARMUP)
+        connection.close()
+        warmup, bodies = bodies[:WARMUP], bodies[WARMUP:]
+        password = f":{db['PASSWORD']}" if db["PASSWORD"] else ""
+        env = {
+            **os.environ,
+            "DATABASE_URL": f"postgres://{db['USER']}{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
+            "PYTHONUNBUFFERED": "1",
+        }
+        servers, port = start_servers(args.processes, env)
+        pids = [server.pid for server in servers]
+        auth = "Basic " + base64.b64encode(str(settings.ANYMAIL["WEBHOOK_SECRET"]).encode()).decode()
+
+        # Warm up: server threads, database connections, imports, caches.
+        post_all(port, NOOP_PATH, warmup, args.clients, auth, pids)
+        post_all(port, WEBHOOK_PATH, warmup, args.clients, auth, pids)
+
+        n = len(bodies)
+        baseline = post_all(port, NOOP_PATH, bodies, args.clients, auth, pids)
+        webhooks = post_all(port, WEBHOOK_PATH, bodies, args.clients, auth, pids)
+
+        stored = TrackingEvent.objects.count() - WARMUP
+        delivered = Message.objects.filter(status=Message.Status.DELIVERED).count() - WARMUP
+        command = " ".join(
+            [
+                *(
+                    f"{k}={shlex.quote(os.environ[k])}"
+                    for k in ("DATABASE_URL", "REDIS_URL")
+                    if k in os.environ
+                ),
+                shlex.quote(os.path.relpath(sys.executable, ROOT)),
+                "bench/webhooks.py",
+                *sys.argv[1:],
+            ]
+        )
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"command: {command}")
+        print(
+            f"setup: {n:,} distinct Postmark Delivery webhooks for existing messages; {args.clients} client "
+            f"threads with keep-alive; Django's threaded WSGI server, {args.processes} process(es); Postgres, "
+            f"{'Redis' if os.environ.get('REDIS_URL') else 'a file cache'} for the rate limit; "
+            f"{os.cpu_count()} cores, load average {load}"
+        )
+        print(describe("baseline, a Django view that does nothing", baseline, n))
+        print(describe(f"webhooks, {WEBHOOK_PATH}", webhooks, n))
+        print(f"ratio webhooks / baseline: {webhooks.rate(n) / baseline.rate(n):.2f}")
+        print(
+            f"check: {stored:,} tracking events stored, {delivered:,} messages advanced to delivered (of {n:,})"
+        )
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(timeout=10)
+        connection.creation.destroy_test_db(original_name, verbosity=0)
+
+
+if __name__ == "__main__":
+    if "--serve" in sys.argv:
+        serve(int(sys.argv[sys.argv.index("--serve") + 1]))
+    else:
+        main()

@@ -1,0 +1,67 @@
+"""The feedback loop over real HTTP: a message sent through campaigns.delivery to the
+local ESP sandbox, whose Postmark-format webhook reaches this app on a live server and
+suppresses the address."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.test import LiveServerTestCase, override_settings
+
+from campaigns.delivery import messages_send_batch
+from campaigns.models import Message
+from mailauto.sandbox import SandboxServer
+from suppression.models import Suppression
+from tests import factories
+from tests.conftest import sandbox_anymail_settings
+from webhooks.models import TrackingEvent
+
+
+class SandboxWebhookLoopTests(LiveServerTestCase):
+    def setUp(self) -> None:
+        self.sandbox = SandboxServer(
+            port=0,
+            webhook_url=f"{self.live_server_url}/webhooks/postmark/tracking/",
+            webhook_auth=str(settings.ANYMAIL["WEBHOOK_SECRET"]),
+        ).start()
+        self.addCleanup(self.sandbox.stop)
+        override = override_settings(
+            EMAIL_BACKEND="anymail.backends.postmark.EmailBackend",
+            ANYMAIL=sandbox_anymail_settings(self.sandbox),
+        )
+        override.enable()
+        self.addCleanup(override.disable)
+        self.version = factories.published_version()
+
+    def queue(self, email: str) -> Message:
+        return factories.message(self.version, factories.contact(email=email))
+
+    def test_a_hard_bounce_from_the_sandbox_suppresses_the_address(self) -> None:
+        bounced = self.queue("bounce@example.com")
+        delivered = self.queue("ada@example.com")
+
+        result = messages_send_batch()
+        self.assertEqual(result.sent, 2)
+        self.sandbox.wait_for_webhooks(timeout=30)
+
+        log = self.sandbox.webhook_log()
+        self.assertEqual(sorted(entry["record_type"] for entry in log), ["Bounce", "Delivery"])
+        self.assertEqual({entry["http_status"] for entry in log}, {200}, log)
+
+        suppression = Suppression.objects.get(email="bounce@example.com")
+        self.assertEqual(suppression.reason, Suppression.Reason.HARD_BOUNCE)
+        self.assertEqual(suppression.source, "webhook:postmark")
+        bounced.refresh_from_db()
+        delivered.refresh_from_db()
+        self.assertEqual(bounced.status, Message.Status.BOUNCED)
+        self.assertEqual(delivered.status, Message.Status.DELIVERED)
+        events = {event.message_id: event for event in TrackingEvent.objects.all()}
+        self.assertEqual(events[bounced.pk].esp_message_id, bounced.esp_message_id)
+        self.assertEqual(events[bounced.pk].bounce_kind, TrackingEvent.BounceKind.HARD)
+        self.assertFalse(Suppression.objects.filter(email="ada@example.com").exists())
+
+        # The next message to that address never leaves.
+        again = self.queue("bounce@example.com")
+        self.assertEqual(messages_send_batch().suppressed, 1)
+        again.refresh_from_db()
+        self.assertEqual(again.status, Message.Status.SUPPRESSED)
+        self.assertEqual(len(self.sandbox.messages(to="bounce@example.com")), 1)

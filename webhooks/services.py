@@ -1,0 +1,416 @@
+"""Recording ESP tracking events: each is stored once, moves its Message along the status
+timeline (never backwards), and suppresses the address when it says we must stop mailing
+it. The `tracking` signal receiver (webhooks/receivers.py) is the one caller."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from anymail.signals import AnymailTrackingEvent, RejectReason
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connections, router, transaction
+from django.db.models import Field
+from django.http import QueryDict
+from django.utils import timezone
+
+from campaigns.models import Message
+from suppression.models import Suppression
+from suppression.services import normalize_email, suppression_add
+from webhooks.models import TrackingEvent
+from webhooks.selectors import MessageLink, message_for_tracking_event, soft_bounce_count
+
+logger = logging.getLogger(__name__)
+
+EventType = TrackingEvent.EventType
+EVENT_TYPES = frozenset(EventType.values)
+Status = Message.Status
+Reason = Suppression.Reason
+
+# --- the message status timeline -------------------------------------------------------
+
+# Statuses a message has before the ESP is known to have it. Any webhook about a message
+# proves the ESP took it, so each of these may move forward. UNKNOWN and SENDING are the
+# ambiguous hand-offs a webhook exists to reconcile. The others can only be named by a
+# webhook if an earlier attempt reached the ESP (our metadata id travels with sends
+# only): QUEUED/CLAIMED after an unknown outcome was requeued for its one resend, DEAD
+# after that resend, FAILED/SUPPRESSED if the resend was refused. There the webhook is
+# the truth, and moving the message on stops a resend or a replay of mail the recipient
+# already has (the claim and the hand-off UPDATEs in campaigns/delivery.py both filter
+# on the status they expect, so they lose to this one).
+BEFORE_SENT: tuple[str, ...] = (
+    Status.QUEUED,
+    Status.CLAIMED,
+    Status.SENDING,
+    Status.UNKNOWN,
+    Status.DEAD,
+    Status.FAILED,
+    Status.SUPPRESSED,
+)
+# Then the timeline, in order: a webhook moves a message to a later status, never to an
+# earlier one. The refusals outrank every engagement state (a complaint after an open is
+# a complaint); among them a complaint outranks a bounce, which outranks an unsubscribe.
+# A total order makes the outcome independent of the order webhooks arrive in.
+TIMELINE: tuple[str, ...] = (
+    Status.SENT,
+    Status.DELIVERED,
+    Status.OPENED,
+    Status.CLICKED,
+    Status.UNSUBSCRIBED,
+    Status.BOUNCED,
+    Status.COMPLAINED,
+)
+
+# Anymail's normalized event type -> the status it proves. Events that only prove the
+# ESP has the message (queued, deferred, an auto-reply, ...) reconcile to SENT. "rejected"
+# and "failed" (the ESP took the API call, then refused to send) did not reach the
+# recipient either: BOUNCED, with the reason in status_reason.
+STATUS_FOR_EVENT: dict[str, str] = {
+    EventType.QUEUED: Status.SENT,
+    EventType.SENT: Status.SENT,
+    EventType.DEFERRED: Status.SENT,
+    EventType.AUTORESPONDED: Status.SENT,
+    EventType.SUBSCRIBED: Status.SENT,
+    EventType.UNKNOWN: Status.SENT,
+    EventType.DELIVERED: Status.DELIVERED,
+    EventType.OPENED: Status.OPENED,
+    EventType.CLICKED: Status.CLICKED,
+    EventType.UNSUBSCRIBED: Status.UNSUBSCRIBED,
+    EventType.BOUNCED: Status.BOUNCED,
+    EventType.REJECTED: Status.BOUNCED,
+    EventType.FAILED: Status.BOUNCED,
+    EventType.COMPLAINED: Status.COMPLAINED,
+}
+
+
+def statuses_before(status: str) -> tuple[str, ...]:
+    """The statuses a message may move to `status` from."""
+    return BEFORE_SENT + TIMELINE[: TIMELINE.index(status)]
+
+
+# --- ESP vocabulary that Anymail does not normalize ---------------------------------------
+
+
+def _get(event: object, *path: str) -> object:
+    for key in path:
+        if not isinstance(event, Mapping):
+            return None
+        event = event.get(key)
+    return event
+
+
+# Bounces the ESP calls soft or transient (the mailbox may work again) although Anymail
+# normalizes them to "bounced" like a hard bounce. Postmark's SoftBounce is the one that
+# matters here: anymail/webhooks/postmark.py maps both "HardBounce" and "SoftBounce" to
+# (EventType.BOUNCED, RejectReason.BOUNCED) ("might also receive HardBounce later"), so
+# only the raw Type tells them apart. (Postmark's Transient and DnsError, and other
+# ESPs' temporary failures, already arrive as "deferred": the ESP is still trying.)
+SOFT_BOUNCE: dict[str, Callable[[object], bool]] = {
+    "postmark": lambda e: _get(e, "Type") == "SoftBounce",
+    "amazon_ses": lambda e: _get(e, "bounce", "bounceType") == "Transient",
+    "brevo": lambda e: _get(e, "event") == "soft_bounce",
+    "sendinblue": lambda e: _get(e, "event") == "soft_bounce",
+    "mandrill": lambda e: _get(e, "event") == "soft_bounce",
+    "mailersend": lambda e: _get(e, "data", "type") == "soft_bounced",
+    "mailjet": lambda e: _get(e, "event") == "bounce" and _get(e, "hard_bounce") is False,
+}
+
+# ESPs whose one notification Anymail splits into an event per recipient, all with the
+# notification's id (Amazon SES: event_id is the SNS MessageId, see
+# anymail/webhooks/amazon_ses.py). Their dedup key needs the recipient too.
+EVENT_ID_SHARED_BY_RECIPIENTS = frozenset({"amazon_ses"})
+
+# Reject reasons that say the address itself must not be mailed (Anymail's RejectReason).
+# "blocked" and "other" are the ESP's or the receiving ISP's policy (an ISP block, a DMARC
+# failure, a virus): suppressing the recipient for those would punish the wrong party.
+REJECTION_SUPPRESSION: dict[str | None, str] = {
+    RejectReason.INVALID: Reason.INVALID,
+    RejectReason.BOUNCED: Reason.INVALID,
+    RejectReason.TIMED_OUT: Reason.INVALID,
+    RejectReason.SPAM: Reason.COMPLAINT,
+    RejectReason.UNSUBSCRIBED: Reason.UNSUBSCRIBE,
+}
+HARD_BOUNCE_REJECT_REASONS = (None, RejectReason.BOUNCED, RejectReason.INVALID, RejectReason.TIMED_OUT)
+
+# Soft bounces for one address are counted under a transaction-scoped advisory lock so
+# that two concurrent bounces cannot both count before either commits (and both stay
+# under the limit). First key: this lock's namespace; second: hashtext(address).
+SOFT_BOUNCE_LOCK_NAMESPACE = 0x5B0C
+
+
+def esp_slug(esp_name: str) -> str:
+    """Anymail's display name ("Amazon SES") as our URL and source name ("amazon_ses")."""
+    return esp_name.strip().lower().replace(" ", "_")
+
+
+def esp_event_as_json(esp_event: object) -> object:
+    """The raw event as JSON data: parsed JSON as it is, form posts (a QueryDict) as lists."""
+    if esp_event is None:
+        return {}
+    if isinstance(esp_event, QueryDict):
+        return dict(esp_event.lists())
+    return esp_event
+
+
+def canonical_json(data: object) -> str:
+    """Strict JSON (no NaN), keys sorted: what is stored, and what a content hash hashes."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), cls=DjangoJSONEncoder, allow_nan=False)
+
+
+def bounce_kind(*, esp: str, event: AnymailTrackingEvent) -> str:
+    if event.event_type != EventType.BOUNCED:
+        return ""
+    is_soft = SOFT_BOUNCE.get(esp)
+    if is_soft is not None and is_soft(event.esp_event):
+        return TrackingEvent.BounceKind.SOFT
+    if event.reject_reason in HARD_BOUNCE_REJECT_REASONS:
+        return TrackingEvent.BounceKind.HARD
+    return ""
+
+
+def suppression_reason(*, event_type: str, reject_reason: str | None, kind: str) -> str | None:
+    """What an event suppresses at once (soft bounces only add up: see _soft_bounce_check)."""
+    if event_type == EventType.COMPLAINED:
+        return Reason.COMPLAINT
+    if event_type == EventType.UNSUBSCRIBED:
+        return Reason.UNSUBSCRIBE
+    if event_type == EventType.BOUNCED and kind == TrackingEvent.BounceKind.HARD:
+        return Reason.INVALID if reject_reason == RejectReason.INVALID else Reason.HARD_BOUNCE
+    if event_type == EventType.REJECTED:
+        return REJECTION_SUPPRESSION.get(reject_reason)
+    return None
+
+
+def _esp_event_id(*, esp: str, event: AnymailTrackingEvent, recipient: str, raw_json: str) -> str:
+    if event.event_id is None or event.event_id == "":
+        # No id from the ESP (Postmark gives one for bounces only): the content is the
+        # identity. A redelivered webhook is byte-for-byte the same event.
+        digest = hashlib.sha256(f"{event.event_type}\n{recipient}\n{raw_json}".encode()).hexdigest()
+        return f"sha256:{digest}"
+    event_id = str(event.event_id)
+    if esp in EVENT_ID_SHARED_BY_RECIPIENTS:
+        # A hash, not the address: ids are kept when a contact is erased (GDPR).
+        event_id = f"{event_id}/{hashlib.sha256(recipient.encode()).hexdigest()[:16]}"
+    if len(event_id) > 255:
+        event_id = "sha256:" + hashlib.sha256(event_id.encode()).hexdigest()
+    return event_id
+
+
+def _aware(value: datetime | None, default: datetime) -> datetime:
+    if value is None:
+        return default
+    return value if timezone.is_aware(value) else value.replace(tzinfo=UTC)
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+# --- the service -----------------------------------------------------------------------
+
+
+@transaction.atomic
+def tracking_event_record(*, esp: str, event: AnymailTrackingEvent) -> TrackingEvent | None:
+    """Store one ESP tracking event and apply it, all in one transaction.
+
+    Returns the new TrackingEvent, or None when this event was recorded before: an ESP
+    retrying a webhook, or a replay, changes nothing the second time.
+    """
+    now = timezone.now()
+    esp_event = esp_event_as_json(event.esp_event)
+    metadata = event.metadata if isinstance(event.metadata, dict) else {}
+    esp_message_id = _text(event.message_id)
+    event_type = event.event_type if event.event_type in EVENT_TYPES else EventType.UNKNOWN
+    link = message_for_tracking_event(metadata=metadata, esp_message_id=esp_message_id)
+    recipient = normalize_email(_text(event.recipient) or (link.to_email if link else ""))
+    kind = bounce_kind(esp=esp, event=event)
+
+    tracking_event = TrackingEvent(
+        esp=esp,
+        esp_event_id=_esp_event_id(
+            esp=esp, event=event, recipient=recipient, raw_json=canonical_json(esp_event)
+        ),
+        event_type=event_type,
+        bounce_kind=kind,
+        message_id=link.pk if link else None,
+        esp_message_id=esp_message_id,
+        recipient=recipient,
+        occurred_at=_aware(event.timestamp, now),
+        received_at=now,
+        description=_text(event.description),
+        mta_response=_text(event.mta_response),
+        reject_reason=_text(event.reject_reason),
+        click_url=_text(event.click_url),
+        metadata=metadata,
+        esp_event=esp_event,
+    )
+    if not _insert_once(tracking_event):
+        logger.debug(
+            "tracking event already recorded",
+            extra={"esp": esp, "esp_event_id": tracking_event.esp_event_id},
+        )
+        return None
+
+    if link is not None:
+        _message_advance(link=link, tracking_event=tracking_event, now=now)
+    reason = suppression_reason(event_type=event_type, reject_reason=event.reject_reason, kind=kind)
+    if reason is None and kind == TrackingEvent.BounceKind.SOFT:
+        reason = _soft_bounce_check(recipient=recipient, now=now)
+    if reason is not None and recipient:
+        suppression_add(
+            email=recipient,
+            reason=reason,
+            source=f"webhook:{esp}",
+            detail=_suppression_detail(tracking_event),
+        )
+        logger.info(
+            "address suppressed by a tracking webhook",
+            extra={
+                "esp": esp,
+                "reason": reason,
+                "tracking_event_id": tracking_event.pk,
+                "message_id": tracking_event.message_id,
+            },
+        )
+    return tracking_event
+
+
+def _insert_once(tracking_event: TrackingEvent) -> bool:
+    """INSERT … ON CONFLICT (esp, esp_event_id) DO NOTHING RETURNING id: True, with the pk
+    set, when this call created the row.
+
+    One statement, so two deliveries of the same event racing each other cannot both
+    insert, and neither fails: the loser waits for the winner's commit on the unique
+    index, then inserts nothing. (bulk_create(ignore_conflicts=True) would say nothing
+    about which of the two won: Django does not return rows from it.)
+    """
+    model = TrackingEvent
+    connection = connections[router.db_for_write(model)]
+    fields = _insert_fields()
+    values = [f.get_db_prep_save(f.pre_save(tracking_event, add=True), connection) for f in fields]
+    sql = _insert_sql(connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    tracking_event.pk = row[0]
+    tracking_event._state.adding = False
+    tracking_event._state.db = connection.alias
+    return True
+
+
+def _insert_fields() -> list[Field[Any, Any]]:
+    return [f for f in TrackingEvent._meta.concrete_fields if not f.primary_key]
+
+
+@functools.cache
+def _insert_sql(vendor: str) -> str:
+    """(The SQL helpers here are cached per database vendor, whose quoting they use.)"""
+    connection = connections[router.db_for_write(TrackingEvent)]
+    quote = connection.ops.quote_name
+    meta = TrackingEvent._meta
+    table, pk = quote(meta.db_table), quote(str(meta.pk.column))
+    columns = ", ".join(quote(str(f.column)) for f in _insert_fields())
+    placeholders = ", ".join(["%s"] * len(_insert_fields()))
+    conflict = f"{quote('esp')}, {quote('esp_event_id')}"
+    # Identifiers come from the model's own metadata; every value is a parameter.
+    return f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT ({conflict}) DO NOTHING RETURNING {pk}"  # noqa: S608
+
+
+def _message_advance(*, link: MessageLink, tracking_event: TrackingEvent, now: datetime) -> bool:
+    """Move the message forward to the status the event proves, in one conditional UPDATE.
+
+    The WHERE clause names the statuses it may come from, so a concurrent webhook that
+    already moved it further, or the sender's own "sent" UPDATE (which only touches
+    SENDING/UNKNOWN rows), can never move it backwards: under READ COMMITTED, Postgres
+    re-checks the WHERE clause against the row another transaction just committed.
+    """
+    target = STATUS_FOR_EVENT[tracking_event.event_type]
+    label = f"{tracking_event.event_type} (webhook:{tracking_event.esp})"
+    detail = tracking_event.description or tracking_event.mta_response
+    if target in (Status.BOUNCED, Status.COMPLAINED, Status.UNSUBSCRIBED) and detail:
+        label = f"{label}: {detail}"
+    connection = connections[router.db_for_write(Message)]
+    at = connection.ops.adapt_datetimefield_value(now)
+    params = [
+        target,
+        *BEFORE_SENT,
+        f"reconciled: {label}"[:255],
+        label[:255],
+        # An ambiguous send never learned the ESP's id; record it now. An id we already
+        # have stays (a resend's id is the one the ESP answered us with).
+        tracking_event.esp_message_id,
+        at,
+        at,
+        link.pk,
+        *statuses_before(target),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_advance_sql(connection.vendor, target), params)
+        return cursor.rowcount > 0
+
+
+@functools.cache
+def _advance_sql(vendor: str, target: str) -> str:
+    """The UPDATE behind _message_advance, built once per target status.
+
+    Identifiers come from the model's metadata, values are parameters. Written as SQL
+    because it runs for every webhook: the same UPDATE through the ORM
+    (Case/When/Coalesce expressions resolved and compiled per call) cost more CPU than
+    all of the rest of the receiver together (bench/webhooks.py, py-spy).
+    """
+    connection = connections[router.db_for_write(Message)]
+    meta = Message._meta
+    quote = connection.ops.quote_name
+
+    def col(name: str) -> str:
+        field = meta.get_field(name)
+        assert isinstance(field, Field)
+        return quote(str(field.column))
+
+    def marks(values: tuple[str, ...]) -> str:
+        return ", ".join(["%s"] * len(values))
+
+    status, esp_id, sent_at = col("status"), col("esp_message_id"), col("sent_at")
+    return (
+        f"UPDATE {quote(meta.db_table)} SET {status} = %s, "  # noqa: S608
+        f"{col('status_reason')} = CASE WHEN {status} IN ({marks(BEFORE_SENT)}) THEN %s ELSE %s END, "
+        f"{esp_id} = CASE WHEN {esp_id} = '' THEN %s ELSE {esp_id} END, "
+        f"{sent_at} = COALESCE({sent_at}, %s), {col('locked_until')} = NULL, {col('updated_at')} = %s "
+        f"WHERE {col('id')} = %s AND {status} IN ({marks(statuses_before(target))})"
+    )
+
+
+def _soft_bounce_check(*, recipient: str, now: datetime) -> str | None:
+    """SOFT_BOUNCES once the address has soft-bounced SOFT_BOUNCE_LIMIT times within the
+    last SOFT_BOUNCE_WINDOW_DAYS (counted from the stored events, this one included)."""
+    if not recipient:
+        return None
+    options = settings.MAILAUTO
+    connection = connections[router.db_for_write(TrackingEvent)]
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [SOFT_BOUNCE_LOCK_NAMESPACE, recipient]
+            )
+    # (SQLite, for `make run`, serialises writers on its database lock instead.)
+    since = now - timedelta(days=options["SOFT_BOUNCE_WINDOW_DAYS"])
+    if soft_bounce_count(email=recipient, since=since) >= options["SOFT_BOUNCE_LIMIT"]:
+        return Reason.SOFT_BOUNCES
+    return None
+
+
+def _suppression_detail(tracking_event: TrackingEvent) -> str:
+    detail = f"{tracking_event.event_type} event {tracking_event.esp_event_id}"
+    if tracking_event.bounce_kind:
+        detail = f"{tracking_event.bounce_kind} {detail}"
+    if tracking_event.description:
+        detail = f"{detail}: {tracking_event.description}"
+    return detail[:1000]
