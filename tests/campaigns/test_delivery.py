@@ -310,12 +310,19 @@ class WarmupAndPriorityTests(SandboxTestCase):
     def test_over_todays_cap_waits_for_tomorrow_highest_priority_first(self) -> None:
         from campaigns.models import WarmupSchedule
 
-        WarmupSchedule.objects.create(name="mailauto.test", start_date=timezone.now().date(), daily_caps=[2, None])
+        WarmupSchedule.objects.create(
+            name="mailauto.test", start_date=timezone.now().date(), daily_caps=[2, None]
+        )
         marketing = [
-            factories.message(self.version, factories.contact(email=f"m{n}@example.com"), self.event) for n in range(2)
+            factories.message(self.version, factories.contact(email=f"m{n}@example.com"), self.event)
+            for n in range(2)
         ]
         receipt = factories.message(
-            self.version, factories.contact(email="r@example.com"), self.event, priority=10, transactional=True
+            self.version,
+            factories.contact(email="r@example.com"),
+            self.event,
+            priority=10,
+            transactional=True,
         )
         result = messages_send_batch()
         self.assertEqual((result.sent, result.deferred), (2, 1))
