@@ -36,6 +36,7 @@ from django.utils import timezone
 
 from campaigns import throttle
 from campaigns.esp_batch import BatchItemResult, batch_sender_for
+from campaigns.esp_idempotency import apply_idempotency_key
 from campaigns.models import Message
 from campaigns.rendering import RenderedEmail, build_context, render_email
 from campaigns.schemas import sensitive_fields
@@ -382,6 +383,7 @@ def message_email(
         tags=[message.purpose],
     )
     email.attach_alternative(rendered.html, "text/html")
+    apply_idempotency_key(email, message_key=message.idempotency_key, esp_name=settings.ESP_NAME)
     return email
 
 

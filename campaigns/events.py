@@ -117,11 +117,18 @@ def identify(
     email: str,
     attributes: Mapping[str, Any] | None = None,
     replace_attributes: bool = False,
+    region: str | None = None,
+    do_not_sell: bool | None = None,
+    consent: Mapping[str, bool] | None = None,
+    consent_source: str = "identify",
 ) -> Contact:
     """Create or update the contact that events for `user_id` refer to.
 
     Attributes are merged into the existing ones (a key set to None is removed) unless
-    replace_attributes is true. Raises InvalidContact for a bad email or attributes.
+    replace_attributes is true. `region` (data residency, GDPR) and `do_not_sell` (CCPA)
+    are set when given. `consent` maps purposes to granted (True) or withdrawn (False);
+    a change is appended to the consent ledger with `consent_source` (an unchanged state
+    writes nothing). Raises InvalidContact for a bad email, attributes or consent.
     """
     user_id = _clean_user_id(user_id, InvalidContact)
     email = (email or "").strip()
@@ -132,6 +139,14 @@ def identify(
             f"{email!r} is not a valid email address", errors={"email": "invalid email address"}
         ) from None
     attrs = _clean_json_object(attributes or {}, "attributes", InvalidContact)
+    if region is not None and (not isinstance(region, str) or len(region.strip()) > 32):
+        raise InvalidContact("region must be a string of at most 32 characters", errors={"region": "invalid"})
+    if consent is not None and (
+        not isinstance(consent, Mapping)
+        or not all(isinstance(k, str) and k and isinstance(v, bool) for k, v in consent.items())
+    ):
+        message = "consent must map purposes to true (granted) or false (withdrawn)"
+        raise InvalidContact(message, errors={"consent": message})
 
     with transaction.atomic():
         contact, created = Contact.objects.select_for_update().get_or_create(
@@ -149,7 +164,33 @@ def identify(
             contact.attributes = merged
             contact.updated_at = timezone.now()
             contact.save(update_fields=["email", "attributes", "updated_at"])
+        changed = []
+        if region is not None and contact.region != region.strip().lower():
+            contact.region = region.strip().lower()
+            changed.append("region")
+        if do_not_sell is not None and contact.do_not_sell != do_not_sell:
+            contact.do_not_sell = do_not_sell
+            changed.append("do_not_sell")
+        if changed:
+            contact.save(update_fields=changed)
+        if consent:
+            _record_consent(contact, consent, source=consent_source)
     return contact
+
+
+def _record_consent(contact: Contact, consent: Mapping[str, bool], *, source: str) -> None:
+    from suppression.consent import consent_grant, consent_state, consent_withdraw
+    from suppression.models import ConsentRecord
+
+    for purpose, granted in consent.items():
+        current = consent_state(contact=contact, purpose=purpose)
+        is_granted = current is not None and current.action == ConsentRecord.Action.GRANTED
+        if current is not None and is_granted == granted:
+            continue
+        if granted:
+            consent_grant(contact=contact, purpose=purpose, source=source)
+        elif current is not None:
+            consent_withdraw(contact=contact, purpose=purpose, source=source)
 
 
 # --- building and validating one event ------------------------------------------------

@@ -161,7 +161,12 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Postmark pointed at the local sandbox.
 ESP_SANDBOX_PORT = env.int("ESP_SANDBOX_PORT", default=8025)
 ESP_NAME = env.str("MAILAUTO_ESP", default="postmark").lower()
-EMAIL_BACKEND = env.str("EMAIL_BACKEND", default=f"anymail.backends.{ESP_NAME}.EmailBackend")
+# Resend takes an idempotency key only as an HTTP header, which Anymail cannot set: a
+# thin subclass adds it (campaigns/esp_idempotency.py).
+_BACKENDS = {"resend": "campaigns.esp_idempotency.ResendEmailBackend"}
+EMAIL_BACKEND = env.str(
+    "EMAIL_BACKEND", default=_BACKENDS.get(ESP_NAME, f"anymail.backends.{ESP_NAME}.EmailBackend")
+)
 ANYMAIL: dict[str, object] = {
     key.removeprefix("ANYMAIL_"): value
     for key, value in os.environ.items()

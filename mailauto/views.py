@@ -112,8 +112,8 @@ def _metric_lines() -> list[str]:
     counter("esp_requests_total", "HTTP requests made to the ESP.", [({}, m.read("esp_requests_total"))])
     gauge(
         "rate_limit_per_second",
-        "The configured global send rate limit.",
-        [({"kind": "ceiling"}, settings.MAILAUTO["RATE_LIMIT_PER_SECOND"])],
+        "The shared send rate limit (requests/s): configured ceiling and current effective rate.",
+        _rate_samples(),
     )
 
     name = "mailauto_event_to_esp_seconds"
@@ -126,6 +126,19 @@ def _metric_lines() -> list[str]:
     lines.append(f"{name}_sum {m.read('event_to_esp_seconds_sum_ms') / 1000:g}")
     lines.append(f"{name}_count {m.read('event_to_esp_seconds_count')}")
     return lines
+
+
+def _rate_samples() -> list[tuple[dict[str, str], float]]:
+    from campaigns import throttle
+
+    samples: list[tuple[dict[str, str], float]] = []
+    try:
+        for state in throttle.rate_states():
+            samples.append(({"bucket": state.bucket, "kind": "ceiling"}, state.ceiling))
+            samples.append(({"bucket": state.bucket, "kind": "effective"}, state.rate))
+    except Exception:  # the store is down: say what is configured
+        samples.append(({"bucket": "esp", "kind": "ceiling"}, settings.MAILAUTO["RATE_LIMIT_PER_SECOND"]))
+    return samples
 
 
 def _labels(labels: dict[str, str]) -> str:

@@ -182,3 +182,38 @@ class IdentifyTests(TestCase):
         factories.contact(user_id="dup")
         with self.assertRaises(IntegrityError), transaction.atomic():
             Contact.objects.create(user_id="dup", email="x@example.com")
+
+
+class IdentifyComplianceTests(TestCase):
+    def test_region_and_do_not_sell_are_set(self) -> None:
+        contact = campaigns.identify("u-1", email="ada@example.com", region="EU", do_not_sell=True)
+        contact.refresh_from_db()
+        self.assertEqual((contact.region, contact.do_not_sell), ("eu", True))
+        campaigns.identify("u-1", email="ada@example.com")  # not given: unchanged
+        contact.refresh_from_db()
+        self.assertEqual((contact.region, contact.do_not_sell), ("eu", True))
+
+    def test_consent_changes_are_appended_to_the_ledger_once(self) -> None:
+        from suppression.models import ConsentRecord
+
+        campaigns.identify(
+            "u-1", email="ada@example.com", consent={"marketing": True}, consent_source="signup-form"
+        )
+        campaigns.identify("u-1", email="ada@example.com", consent={"marketing": True})  # unchanged: nothing
+        campaigns.identify("u-1", email="ada@example.com", consent={"marketing": False})
+        rows = list(ConsentRecord.objects.order_by("id").values_list("purpose", "action", "source"))
+        self.assertEqual(
+            rows, [("marketing", "granted", "signup-form"), ("marketing", "withdrawn", "identify")]
+        )
+
+    def test_withdrawing_what_was_never_granted_writes_nothing(self) -> None:
+        from suppression.models import ConsentRecord
+
+        campaigns.identify("u-1", email="ada@example.com", consent={"marketing": False})
+        self.assertFalse(ConsentRecord.objects.exists())
+
+    def test_bad_consent_is_rejected_and_nothing_written(self) -> None:
+        with self.assertRaises(campaigns.InvalidContact) as ctx:
+            campaigns.identify("u-1", email="ada@example.com", consent={"marketing": "yes"})
+        self.assertIn("consent", ctx.exception.errors)
+        self.assertFalse(Contact.objects.exists())

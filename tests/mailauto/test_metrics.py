@@ -55,6 +55,17 @@ class MetricsTests(SandboxTestCase):
         body = self.client.get("/metrics").content.decode()
         self.assertEqual(sample(body, "mailauto_retries_total"), 1)
 
+    def test_the_effective_rate_drops_after_a_429(self) -> None:
+        ceiling = settings.MAILAUTO["RATE_LIMIT_PER_SECOND"]
+        self.queued()
+        self.sandbox.set_faults(fail_429=1)
+        messages_send_batch()
+        body = self.client.get("/metrics").content.decode()
+        self.assertEqual(sample(body, 'mailauto_rate_limit_per_second{bucket="esp",kind="ceiling"}'), ceiling)
+        self.assertLess(
+            sample(body, 'mailauto_rate_limit_per_second{bucket="esp",kind="effective"}'), ceiling
+        )
+
     def test_token_protects_the_endpoint_when_set(self) -> None:
         with override_settings(MAILAUTO={**settings.MAILAUTO, "METRICS_TOKEN": "s3cret"}):
             self.assertEqual(self.client.get("/metrics").status_code, 401)

@@ -65,3 +65,35 @@ class SandboxWebhookLoopTests(LiveServerTestCase):
         again.refresh_from_db()
         self.assertEqual(again.status, Message.Status.SUPPRESSED)
         self.assertEqual(len(self.sandbox.messages(to="bounce@example.com")), 1)
+
+    def test_bounce_complaint_and_unsubscribe_webhooks_stop_every_later_send(self) -> None:
+        """Issue 4's closing criterion: the sandbox's bounce, complaint and unsubscribe
+        webhooks, over HTTP, stop every later send to those addresses (and only those)."""
+        stopped = ["bounce@example.com", "complaint@example.com", "unsubscribe@example.com"]
+        for email in [*stopped, "ada@example.com"]:
+            self.queue(email)
+        self.assertEqual(messages_send_batch().sent, 4)
+        self.sandbox.wait_for_webhooks(timeout=30)
+        self.assertEqual({entry["http_status"] for entry in self.sandbox.webhook_log()}, {200})
+
+        reasons = dict(Suppression.objects.values_list("email", "reason"))
+        self.assertEqual(
+            reasons,
+            {
+                "bounce@example.com": Suppression.Reason.HARD_BOUNCE,
+                "complaint@example.com": Suppression.Reason.COMPLAINT,
+                "unsubscribe@example.com": Suppression.Reason.UNSUBSCRIBE,
+            },
+        )
+
+        later = [self.queue(email) for email in [*stopped, "ada@example.com"]]
+        result = messages_send_batch()
+        self.assertEqual((result.suppressed, result.sent), (3, 1))
+        for message in later:
+            message.refresh_from_db()
+        self.assertEqual(
+            {m.to_email: m.status for m in later},
+            {**dict.fromkeys(stopped, Message.Status.SUPPRESSED), "ada@example.com": Message.Status.SENT},
+        )
+        for email in stopped:
+            self.assertEqual(len(self.sandbox.messages(to=email)), 1, email)
