@@ -57,8 +57,16 @@ format: install-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install-dev services
-	DATABASE_URL="$(TEST_DATABASE_URL)" REDIS_URL="$(TEST_REDIS_URL)" $(PY) bench/pipeline.py
+# Throughput benchmarks (bench/README.md): their own databases on the test Postgres
+# server, and a Redis database of their own that they flush. BENCH_ARGS="--quick" for a
+# smoke run. Prints figures; never fails on the clock.
+$(VENV)/.installed-bench: requirements/base.txt requirements/dev.txt requirements/bench.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -r requirements/bench.txt
+	touch $@ $(STAMP_DEV) $(STAMP_BASE)
+
+bench: $(VENV)/.installed-bench services
+	DATABASE_URL="$(TEST_DATABASE_URL)" BENCH_REDIS_URL="$(or $(BENCH_REDIS_URL),redis://127.0.0.1:6379/10)" \
+		$(PY) bench/pipeline.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache
