@@ -37,7 +37,7 @@ from django.utils import timezone
 from campaigns import throttle
 from campaigns.esp_batch import BatchItemResult, batch_sender_for
 from campaigns.esp_idempotency import apply_idempotency_key
-from campaigns.models import Message
+from campaigns.models import Message, TemplateVersion
 from campaigns.rendering import RenderedEmail, build_context, render_email
 from campaigns.schemas import sensitive_fields
 from campaigns.warmup import warmup_admit, warmup_release, warmup_schedule_current
@@ -195,11 +195,17 @@ def messages_claim(*, limit: int) -> list[Message]:
         Message.objects.filter(claimable_messages_q(now), id__in=ids).update(
             status=Message.Status.CLAIMED, locked_until=lease, updated_at=now
         )
-        return list(
+        messages = list(
             Message.objects.filter(id__in=ids, status=Message.Status.CLAIMED, locked_until=lease)
-            .select_related("template_version", "contact", "event__event_type", "automation")
+            .select_related("contact", "event__event_type", "automation")
             .order_by("id")
         )
+    # A batch pins a handful of template versions; load each once, not once per row
+    # (their HTML is the bulk of a row's data). Published versions never change.
+    versions = TemplateVersion.objects.in_bulk({m.template_version_id for m in messages})
+    for message in messages:
+        message.template_version = versions[message.template_version_id]
+    return messages
 
 
 # --- sending ---------------------------------------------------------------------------

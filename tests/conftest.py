@@ -20,6 +20,14 @@ def _fresh_shared_cache(django_db_blocker: object) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _no_cached_event_types() -> None:
+    """emit() caches event types per process; ids of a rolled-back test must not leak."""
+    from campaigns.events import forget_event_type
+
+    forget_event_type()
+
+
+@pytest.fixture(autouse=True)
 def _no_pending_nudges() -> None:
     """Nudges are debounced by a shared marker (mailauto/lib/nudge.py); a marker left by
     one test must not swallow the nudge another test expects."""

@@ -217,3 +217,27 @@ class IdentifyComplianceTests(TestCase):
             campaigns.identify("u-1", email="ada@example.com", consent={"marketing": "yes"})
         self.assertIn("consent", ctx.exception.errors)
         self.assertFalse(Contact.objects.exists())
+
+
+class EventTypeCacheTests(TestCase):
+    def test_emit_reads_the_event_type_once_then_from_the_cache(self) -> None:
+        factories.event_type(schema={})
+        campaigns.emit("user.signed_up", "u-1", {})
+        with self.assertNumQueries(1):  # the INSERT only
+            campaigns.emit("user.signed_up", "u-2", {})
+
+    def test_a_schema_change_in_this_process_applies_at_once(self) -> None:
+        type_ = factories.event_type(schema={})
+        campaigns.emit("user.signed_up", "u-1", {"anything": 1})
+        type_.schema = {"fields": {"plan": {"type": "string", "required": True}}}
+        type_.save()
+        with self.assertRaises(campaigns.InvalidEvent):
+            campaigns.emit("user.signed_up", "u-1", {"anything": 1})
+
+    def test_deactivation_applies_at_once_in_this_process(self) -> None:
+        type_ = factories.event_type(schema={})
+        campaigns.emit("user.signed_up", "u-1", {})
+        type_.active = False
+        type_.save()
+        with self.assertRaises(campaigns.InvalidEvent):
+            campaigns.emit("user.signed_up", "u-1", {})
