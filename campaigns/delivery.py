@@ -422,6 +422,7 @@ def _prepare(messages: list[Message], connection: object, result: SendBatchResul
                 status=Message.Status.FAILED,
                 reason="rendering failed",
                 error=f"{type(err).__name__}: {err}",
+                from_status=Message.Status.CLAIMED,
             )
             result.count("failed")
             continue
@@ -441,12 +442,17 @@ def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgo
     if not outgoing:
         return []
     now = timezone.now()
+    lease = now + timedelta(seconds=_options()["SEND_LEASE_SECONDS"])
     for transactional in (False, True):
         ids = [item.message.pk for item in outgoing if item.message.transactional is transactional]
         if ids:
+            # A fresh lease: a long batch (rate-limit waits, per-message ESPs) must not
+            # see its in-flight messages expired into UNKNOWN by the sweeper.
             Message.objects.filter(pk__in=ids, status=Message.Status.CLAIMED).exclude(
                 Exists(_blocking_suppressions(transactional))
-            ).update(status=Message.Status.SENDING, attempts=F("attempts") + 1, updated_at=now)
+            ).update(
+                status=Message.Status.SENDING, attempts=F("attempts") + 1, updated_at=now, locked_until=lease
+            )
     handed = set(
         Message.objects.filter(
             pk__in=[item.message.pk for item in outgoing], status=Message.Status.SENDING, updated_at=now

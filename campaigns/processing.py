@@ -45,9 +45,31 @@ def _options() -> dict:
 
 def claimable_events_q(now) -> Q:  # type: ignore[no-untyped-def]
     """Events a worker may take now: due and unclaimed, or claimed by a worker whose
-    lease ran out (it died or hung; its work is redone idempotently)."""
+    lease ran out (it died or hung; its work is redone idempotently) and that has not
+    used up its attempts (see events_bury_poison)."""
     return Q(status__in=[OutboxEvent.Status.PENDING, OutboxEvent.Status.RETRYING], available_at__lte=now) | Q(
-        status=OutboxEvent.Status.PROCESSING, locked_until__lt=now
+        status=OutboxEvent.Status.PROCESSING,
+        locked_until__lt=now,
+        attempts__lt=_options()["EVENT_MAX_ATTEMPTS"],
+    )
+
+
+def events_bury_poison() -> int:
+    """Dead-letter events whose worker died holding them EVENT_MAX_ATTEMPTS times.
+
+    An event that kills its worker (out of memory, a hard time limit) never reaches
+    event_fail(); without this it would be reclaimed, and kill a worker, forever.
+    """
+    now = timezone.now()
+    return OutboxEvent.objects.filter(
+        status=OutboxEvent.Status.PROCESSING,
+        locked_until__lt=now,
+        attempts__gte=_options()["EVENT_MAX_ATTEMPTS"],
+    ).update(
+        status=OutboxEvent.Status.DEAD,
+        locked_until=None,
+        result="dead: its worker stopped while processing it, every attempt",
+        last_error="worker lost (lease expired) on the last attempt",
     )
 
 

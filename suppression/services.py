@@ -26,12 +26,28 @@ def normalize_email(email: str) -> str:
 def suppression_add(
     *, email: str, reason: str, source: str, topic: str = "", detail: str = ""
 ) -> Suppression:
-    """Suppress an address (idempotent: an existing entry keeps its first reason)."""
+    """Suppress an address (idempotent: an existing entry keeps its reason, except that
+    an unsubscribe is upgraded to any stronger reason).
+
+    Why the upgrade: an unsubscribe lets transactional mail through and can be undone
+    by the recipient in the preference centre; a complaint or a hard bounce after it
+    (common: some mail clients unsubscribe when the user reports spam) must stop
+    everything, for good.
+    """
     email = normalize_email(email)
     suppression, created = Suppression.objects.get_or_create(
         email=email, topic=topic, defaults={"reason": reason, "source": source, "detail": detail}
     )
-    if created:
+    upgraded = (
+        not created
+        and reason != Suppression.Reason.UNSUBSCRIBE
+        and Suppression.objects.filter(pk=suppression.pk, reason=Suppression.Reason.UNSUBSCRIBE).update(
+            reason=reason, source=source, detail=detail
+        )
+    )
+    if upgraded:
+        suppression.refresh_from_db()
+    if created or upgraded:
         SuppressionLogEntry.objects.create(
             email=email, topic=topic, action=SuppressionLogEntry.Action.ADDED, reason=reason, source=source
         )

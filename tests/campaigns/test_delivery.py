@@ -345,3 +345,34 @@ class WarmupAndPriorityTests(SandboxTestCase):
         self.assertEqual(messages_send_batch().sent, 1)
         message.refresh_from_db()
         self.assertEqual(message.status, Message.Status.SENT)
+
+
+class HandOffLeaseTests(SandboxTestCase):
+    def test_the_hand_off_renews_the_lease(self) -> None:
+        """A batch claimed long ago (rate-limit waits) must not have its in-flight
+        messages expired into UNKNOWN by the sweeper."""
+        from campaigns import delivery
+
+        message = self.queued()
+        real_render = delivery.message_render
+
+        def slow_render(**kw):  # type: ignore[no-untyped-def]
+            # The claim's lease has run out by the time this message is handed off.
+            Message.objects.filter(pk=message.pk).update(locked_until=timezone.now() - timedelta(seconds=1))
+            return real_render(**kw)
+
+        seen = {}
+
+        def check_lease(*args, **kwargs):  # type: ignore[no-untyped-def]
+            seen["locked_until"] = Message.objects.get(pk=message.pk).locked_until
+            return original_send(*args, **kwargs)
+
+        from campaigns.esp_batch import PostmarkBatchSender
+
+        original_send = PostmarkBatchSender.send
+        with (
+            mock.patch("campaigns.delivery.message_render", side_effect=slow_render),
+            mock.patch.object(PostmarkBatchSender, "send", autospec=True, side_effect=check_lease),
+        ):
+            messages_send_batch()
+        self.assertGreater(seen["locked_until"], timezone.now() + timedelta(seconds=60))

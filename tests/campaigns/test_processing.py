@@ -222,3 +222,32 @@ class ConcurrentClaimTests(TransactionTestCase):
         all_ids = [pk for mine in claimed for pk in mine]
         self.assertEqual(len(all_ids), 200)
         self.assertEqual(len(set(all_ids)), 200)
+
+
+class PoisonEventTests(TestCase):
+    def test_an_event_whose_worker_keeps_dying_is_dead_lettered(self) -> None:
+        from django.conf import settings
+
+        from campaigns.processing import events_bury_poison
+
+        type_ = factories.event_type()
+        max_attempts = settings.MAILAUTO["EVENT_MAX_ATTEMPTS"]
+        poison = factories.outbox_event(
+            type_,
+            "u-1",
+            status=OutboxEvent.Status.PROCESSING,
+            attempts=max_attempts,
+            locked_until=timezone.now() - timedelta(seconds=1),
+        )
+        retry = factories.outbox_event(
+            type_,
+            "u-1",
+            status=OutboxEvent.Status.PROCESSING,
+            attempts=max_attempts - 1,
+            locked_until=timezone.now() - timedelta(seconds=1),
+        )
+        self.assertEqual([e.pk for e in events_claim(limit=10)], [retry.pk])
+        self.assertEqual(events_bury_poison(), 1)
+        poison.refresh_from_db()
+        self.assertEqual(poison.status, OutboxEvent.Status.DEAD)
+        self.assertIn("worker stopped", poison.result)

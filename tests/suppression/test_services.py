@@ -112,3 +112,30 @@ class RecipientChangesTests(TestCase):
 
         self.assertFalse(again.changed)
         self.assertEqual(SuppressionLogEntry.objects.count(), 2)
+
+
+class SuppressionUpgradeTests(TestCase):
+    """A complaint or bounce after an unsubscribe must not be swallowed by it."""
+
+    def test_a_complaint_after_an_unsubscribe_upgrades_the_entry(self) -> None:
+        from suppression.models import Suppression, SuppressionLogEntry
+        from suppression.selectors import send_decision
+        from suppression.services import suppression_add
+
+        suppression_add(email="ada@example.com", reason="unsubscribe", source="recipient:one-click")
+        suppression_add(email="ada@example.com", reason="complaint", source="webhook:postmark")
+        entry = Suppression.objects.get(email="ada@example.com", topic="")
+        self.assertEqual((entry.reason, entry.source), ("complaint", "webhook:postmark"))
+        self.assertEqual(SuppressionLogEntry.objects.filter(email="ada@example.com").count(), 2)
+        # Transactional mail stops too now.
+        self.assertFalse(
+            send_decision(email="ada@example.com", purpose="receipts", transactional=True).allowed
+        )
+
+    def test_a_stronger_reason_is_never_downgraded_to_an_unsubscribe(self) -> None:
+        from suppression.models import Suppression
+        from suppression.services import suppression_add
+
+        suppression_add(email="ada@example.com", reason="hard_bounce", source="webhook:postmark")
+        suppression_add(email="ada@example.com", reason="unsubscribe", source="recipient:one-click")
+        self.assertEqual(Suppression.objects.get(email="ada@example.com").reason, "hard_bounce")
