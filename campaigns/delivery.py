@@ -176,7 +176,26 @@ def claimable_messages_q(now) -> Q:  # type: ignore[no-untyped-def]
     """
     not_paused = Q(automation__isnull=True) | Q(automation__active=True)
     return Q(not_paused, status=Message.Status.QUEUED, send_after__lte=now) | Q(
-        status=Message.Status.CLAIMED, locked_until__lt=now
+        status=Message.Status.CLAIMED, locked_until__lt=now, claims__lt=_max_claims()
+    )
+
+
+def _max_claims() -> int:
+    # Claims include requeues for rate-limit waits and warm-up; only a message whose
+    # worker dies holding it (CLAIMED past its lease) this many times is buried.
+    return int(_options()["RETRY_MAX_ATTEMPTS"]) * 4
+
+
+def messages_bury_poison() -> int:
+    """Dead-letter messages whose worker died while holding them (before the hand-off,
+    e.g. while rendering) too many times; otherwise they would kill workers forever."""
+    return Message.objects.filter(
+        status=Message.Status.CLAIMED, locked_until__lt=timezone.now(), claims__gte=_max_claims()
+    ).update(
+        status=Message.Status.DEAD,
+        status_reason="its worker stopped while preparing it, every time",
+        locked_until=None,
+        updated_at=timezone.now(),
     )
 
 
@@ -193,7 +212,7 @@ def messages_claim(*, limit: int) -> list[Message]:
         if not ids:
             return []
         Message.objects.filter(claimable_messages_q(now), id__in=ids).update(
-            status=Message.Status.CLAIMED, locked_until=lease, updated_at=now
+            status=Message.Status.CLAIMED, locked_until=lease, updated_at=now, claims=F("claims") + 1
         )
         messages = list(
             Message.objects.filter(id__in=ids, status=Message.Status.CLAIMED, locked_until=lease)

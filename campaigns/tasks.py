@@ -62,6 +62,7 @@ def sweep_outbox() -> None:
     delivery.messages_expire_leases()
     delivery.messages_resend_unknown()
     processing.events_bury_poison()
+    delivery.messages_bury_poison()
     due_events = OutboxEvent.objects.filter(processing.claimable_events_q(now))
     due_messages = Message.objects.filter(delivery.claimable_messages_q(now))
     if due_events.exists():

@@ -326,6 +326,10 @@ class Message(models.Model):
         default=100, help_text="Lower is sooner: under a warm-up cap, low numbers go first."
     )
     attempts = models.PositiveIntegerField(default=0, help_text="Hand-offs to the ESP.")
+    claims = models.PositiveIntegerField(
+        default=0,
+        help_text="Times a worker claimed it (a message that keeps killing its worker is dead-lettered).",
+    )
     locked_until = models.DateTimeField(null=True, blank=True)
     resent_after_unknown = models.BooleanField(
         default=False, help_text="Already resent once after its outcome was unknown; never again."

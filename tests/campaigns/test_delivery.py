@@ -376,3 +376,19 @@ class HandOffLeaseTests(SandboxTestCase):
         ):
             messages_send_batch()
         self.assertGreater(seen["locked_until"], timezone.now() + timedelta(seconds=60))
+
+
+class PoisonMessageTests(SandboxTestCase):
+    def test_a_message_whose_worker_keeps_dying_is_dead_lettered(self) -> None:
+        from campaigns.delivery import _max_claims, messages_bury_poison
+
+        expired = timezone.now() - timedelta(seconds=1)
+        poison = self.queued(status=Message.Status.CLAIMED, locked_until=expired, claims=_max_claims())
+        retry = self.queued(status=Message.Status.CLAIMED, locked_until=expired, claims=_max_claims() - 1)
+        self.assertEqual([m.pk for m in messages_claim(limit=10)], [retry.pk])
+        retry.refresh_from_db()
+        self.assertEqual(retry.claims, _max_claims())
+        self.assertEqual(messages_bury_poison(), 1)
+        poison.refresh_from_db()
+        self.assertEqual(poison.status, Message.Status.DEAD)
+        self.assertIn("worker stopped", poison.status_reason)
