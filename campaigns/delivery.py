@@ -70,6 +70,7 @@ class SendError:
     reason: str
     retry_after: float | None = None
     suppress_recipient: bool = False
+    rate_limited: bool = False  # the ESP said "slow down": feeds the shared adaptive rate
 
 
 def classify_send_error(exc: BaseException) -> SendError:
@@ -98,7 +99,12 @@ def classify_send_error(exc: BaseException) -> SendError:
         status = getattr(response, "status_code", None)
     if isinstance(exc, AnymailAPIError) and status is not None:
         if status == 429:
-            return SendError(ErrorKind.RETRYABLE, "rate limited by the ESP (429)", _retry_after(response))
+            return SendError(
+                ErrorKind.RETRYABLE,
+                "rate limited by the ESP (429)",
+                _retry_after(response),
+                rate_limited=True,
+            )
         if status >= 500 or status in (401, 403, 408):
             # 5xx with a response: the ESP answered that it failed. 401/403: a bad key
             # is an operator's problem, not the recipient's; keep the message.
@@ -333,7 +339,7 @@ def _feed_back(items: list[BatchItemResult]) -> int:
     """Tell the adaptive rate limit how the request went; return how many messages
     provably did not reach the ESP (their warm-up allowance is given back)."""
     errors = [classify_send_error(item.error) for item in items if item.error is not None]
-    limited = [e for e in errors if e.reason.startswith("rate limited")]
+    limited = [e for e in errors if e.rate_limited]
     if limited:
         retry_after = max((e.retry_after or 0.0) for e in limited) or None
         throttle.report_rate_limited(retry_after=retry_after, reason="the ESP answered 429")

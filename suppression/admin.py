@@ -88,6 +88,7 @@ class SuppressionAdmin(admin.ModelAdmin):
             "selected": request.POST.getlist(helpers.ACTION_CHECKBOX_NAME),
             "select_across": request.POST.get("select_across", "0"),
             "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            "action_name": "remove_suppressions",
             "reason": reason,
             "reason_missing": confirmed and not reason,
         }

@@ -95,7 +95,7 @@ def erase_contacts_action(
         "reason_missing": confirmed and not reason,
     }
     request.current_app = modeladmin.admin_site.name
-    return TemplateResponse(request, "suppression/consent/admin_erase_confirmation.html", context)
+    return TemplateResponse(request, "admin/suppression/erase_confirmation.html", context)
 
 
 # --- Notices ---------------------------------------------------------------------------

@@ -45,12 +45,21 @@ def send_decision(
         with contextlib.suppress(cache.MirrorUnavailable):
             if not cache.mirror_lookup(email=email, topics=topics):
                 return ALLOWED
-    # Erased contacts (GDPR Art. 17) survive only as a keyed hash; this stops
-    # transactional mail too.
     if is_hashed_suppressed(email):
+        return _decide(erased=True, rows=[], purpose=purpose, transactional=transactional)
+    rows = list(Suppression.objects.filter(email=email, topic__in=topics).values_list("topic", "reason"))
+    return _decide(erased=False, rows=rows, purpose=purpose, transactional=transactional)
+
+
+def _decide(*, erased: bool, rows: list[tuple[str, str]], purpose: str, transactional: bool) -> SendDecision:
+    """The rules, given what Postgres holds for one address: its (topic, reason) rows."""
+    if erased:
+        # Erased contacts (GDPR Art. 17) survive only as a keyed hash; this stops
+        # transactional mail too.
         return SendDecision(allowed=False, reason="suppressed: erased (GDPR Art. 17)")
-    rows = Suppression.objects.filter(email=email, topic__in=topics).values_list("topic", "reason")
     for topic, reason in rows:
+        if topic not in ("", purpose):
+            continue
         if transactional and reason == Suppression.Reason.UNSUBSCRIBE:
             continue
         label = Suppression.Reason(reason).label
@@ -84,21 +93,12 @@ def send_decisions(requests: list[DecisionRequest]) -> dict[DecisionRequest, Sen
     decisions: dict[DecisionRequest, SendDecision] = {}
     for request in requests:
         email = normalize_email(request.email)
-        decision = ALLOWED
-        if email in erased:
-            decision = SendDecision(allowed=False, reason="suppressed: erased (GDPR Art. 17)")
-        else:
-            for topic, reason in found.get(email, []):
-                if topic not in ("", request.purpose):
-                    continue
-                if request.transactional and reason == Suppression.Reason.UNSUBSCRIBE:
-                    continue
-                label = Suppression.Reason(reason).label
-                decision = SendDecision(
-                    allowed=False, reason=f"suppressed: {label}" + (f" ({topic})" if topic else "")
-                )
-                break
-        decisions[request] = decision
+        decisions[request] = _decide(
+            erased=email in erased,
+            rows=found.get(email, []),
+            purpose=request.purpose,
+            transactional=request.transactional,
+        )
     return decisions
 
 

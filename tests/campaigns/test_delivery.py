@@ -392,3 +392,8 @@ class PoisonMessageTests(SandboxTestCase):
         poison.refresh_from_db()
         self.assertEqual(poison.status, Message.Status.DEAD)
         self.assertIn("worker stopped", poison.status_reason)
+
+
+def test_only_a_429_feeds_the_adaptive_rate() -> None:
+    assert classify_send_error(_api_error(429)).rate_limited
+    assert not classify_send_error(_api_error(503)).rate_limited

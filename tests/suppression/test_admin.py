@@ -124,6 +124,7 @@ class SuppressionRemoveTests(SuppressionAdminTestCase):
 
         self.assertEqual(response.status_code, 200)
         self.assertTemplateUsed(response, "admin/suppression/remove_confirmation.html")
+        self.assertContains(response, 'name="action" value="remove_suppressions"')
         self.assertContains(response, "bounced@example.com")
         self.assertContains(response, 'name="reason"')
         self.assertTrue(Suppression.objects.filter(pk=self.bounced.pk).exists())

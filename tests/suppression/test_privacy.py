@@ -499,6 +499,7 @@ class AdminActionTests(PrivacyTestCase):
         self.client.force_login(self.root)
         response = self.post_action("erase_contacts_action", self.ada)
         self.assertContains(response, "This cannot be undone")
+        self.assertContains(response, 'name="action" value="erase_contacts_action"')
         self.assertContains(response, 'name="reason"')
 
         missing = self.post_action("erase_contacts_action", self.ada, post="yes", reason="  ")
