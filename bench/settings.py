@@ -21,7 +21,7 @@ INSTALLED_APPS = [*INSTALLED_APPS, "post_office"]
 POST_OFFICE = {"BACKENDS": {"default": "anymail.backends.postmark.EmailBackend"}}
 
 # The benchmark measures capacity, not the configured global send rate (100 requests/s
-# by default, campaigns/throttle.py still takes a token per request); MAILAUTO_RATE_LIMIT
+# by default, campaigns/throttle/ still takes a token per request); MAILAUTO_RATE_LIMIT
 # wins when it is set.
 if "MAILAUTO_RATE_LIMIT" not in os.environ:
     MAILAUTO = {**MAILAUTO, "RATE_LIMIT_PER_SECOND": 1_000_000.0, "RATE_LIMIT_BURST": 1_000_000.0}

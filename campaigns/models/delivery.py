@@ -1,6 +1,6 @@
 """Delivery models: IP/domain warm-up schedules and their per-day send counters.
 
-The rate limits themselves are not rows: they live in Redis (campaigns/throttle.py)."""
+The rate limits themselves are not rows: they live in Redis (campaigns/throttle/)."""
 
 from __future__ import annotations
 

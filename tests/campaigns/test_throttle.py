@@ -1,4 +1,4 @@
-"""The shared rate limit (campaigns/throttle.py) on real Redis and on the file backend.
+"""The shared rate limit (campaigns/throttle/) on real Redis and on the file backend.
 
 The bucket tests drive the store's clock (the script's "now" override), so nothing here
 depends on how fast the machine is. The cross-process tests use the real clocks and
