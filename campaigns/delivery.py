@@ -109,6 +109,13 @@ def classify_send_error(exc: BaseException) -> SendError:
             # 5xx with a response: the ESP answered that it failed. 401/403: a bad key
             # is an operator's problem, not the recipient's; keep the message.
             return SendError(ErrorKind.RETRYABLE, f"ESP answered {status}", _retry_after(response))
+        if status == 409:
+            # Resend: this Idempotency-Key came with another payload, or its first request
+            # is still in flight. The ESP has (or is taking) these messages: never resend
+            # blindly; a webhook or the unknown-grace resend settles it.
+            return SendError(
+                ErrorKind.AMBIGUOUS, "the ESP already has a request with this idempotency key (409)"
+            )
         return SendError(ErrorKind.PERMANENT, f"rejected by the ESP ({status})")
 
     # No HTTP answer at all: a transport failure. (AnymailRequestsAPIError is itself a

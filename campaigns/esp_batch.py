@@ -4,11 +4,12 @@
 Anymail sends one message per request (its batch sending is one content to many
 recipients). Anymail's per-message path costs about 1.5 ms of CPU per email here and
 tops out near 600-700 emails/s, while Postmark's /email/batch takes up to 500 different
-messages per call. So for ESPs with such an endpoint we let Anymail build each message's
-payload exactly as it would for a single send (same headers, metadata, tags, streams,
-validation) and only replace the transport: one POST of the list, results mapped back by
-position (Postmark answers in request order:
-https://postmarkapp.com/developer/api/email-api#send-batch-emails).
+messages per call and Resend's /emails/batch up to 100. So for ESPs with such an
+endpoint we let Anymail build each message's payload exactly as it would for a single
+send (same headers, metadata, tags, streams, validation) and only replace the transport:
+one POST of the list, results mapped back by position (Postmark answers in request
+order: https://postmarkapp.com/developer/api/email-api#send-batch-emails; Resend's
+answer is described on ResendBatchSender).
 
 Errors come out as the same Anymail exceptions a single send raises, so
 campaigns.delivery.classify_send_error stays the one table of what they mean.
@@ -16,8 +17,9 @@ campaigns.delivery.classify_send_error stays the one table of what they mean.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 from anymail.exceptions import (
@@ -25,8 +27,11 @@ from anymail.exceptions import (
     AnymailError,
     AnymailRecipientsRefused,
     AnymailRequestsAPIError,
+    AnymailUnsupportedFeature,
 )
 from anymail.message import AnymailMessage, AnymailStatus
+
+from campaigns.esp_idempotency import batch_idempotency_key
 
 
 @dataclass
@@ -35,6 +40,30 @@ class BatchItemResult:
 
     esp_message_id: str = ""
     error: BaseException | None = None
+
+
+class BatchSender(Protocol):
+    """Sends up to `max_batch` different messages in one request; one result each, in
+    order. Errors are Anymail exceptions (campaigns.delivery.classify_send_error)."""
+
+    esp_name: str
+    max_batch: int
+
+    def send(self, emails: list[AnymailMessage]) -> list[BatchItemResult]: ...
+
+
+def _post(backend: Any, url: str, *, headers: dict[str, str], **body: Any) -> requests.Response:
+    """One POST through the backend's session; any non-2xx answer raised, with the
+    response, as Anymail would."""
+    try:
+        response = backend.session.post(url, headers=headers, timeout=backend.timeout, **body)
+    except requests.RequestException as err:
+        # Same shape as Anymail's own post_to_esp: chain the transport error so the
+        # classifier can tell "never connected" from "sent, no answer".
+        raise AnymailRequestsAPIError(f"Error posting to {url}", backend=backend) from err
+    if not 200 <= response.status_code < 300:
+        raise AnymailRequestsAPIError(response=response, backend=backend, status_code=response.status_code)
+    return response
 
 
 class PostmarkBatchSender:
@@ -78,21 +107,8 @@ class PostmarkBatchSender:
 
     def _post(self, bodies: list[dict[str, Any]]) -> requests.Response:
         backend = self.backend
-        url = f"{backend.api_url}email/batch"
-        try:
-            response = backend.session.post(
-                url,
-                json=bodies,
-                headers={
-                    "Accept": "application/json",
-                    "X-Postmark-Server-Token": backend.server_token,
-                },
-                timeout=backend.timeout,
-            )
-        except requests.RequestException as err:
-            # Same shape as Anymail's own post_to_esp: chain the transport error so the
-            # classifier can tell "never connected" from "sent, no answer".
-            raise AnymailRequestsAPIError(f"Error posting to {url}", backend=backend) from err
+        headers = {"Accept": "application/json", "X-Postmark-Server-Token": backend.server_token}
+        response = _post(backend, f"{backend.api_url}email/batch", headers=headers, json=bodies)
         if response.status_code != 200:
             raise AnymailRequestsAPIError(
                 response=response, backend=backend, status_code=response.status_code
@@ -129,12 +145,137 @@ class PostmarkBatchSender:
         )
 
 
-BATCH_SENDERS: dict[str, type[PostmarkBatchSender]] = {
+class ResendBatchSender:
+    """POST /emails/batch through an open anymail.backends.resend.EmailBackend (or our
+    subclass that adds the Idempotency-Key, campaigns.esp_idempotency).
+
+    Each message is built and serialized by Anymail exactly as for POST /emails (from,
+    to, subject, bodies, custom headers, metadata as X-Metadata and tags as X-Tags); the
+    request body is those JSON objects as a list
+    (https://resend.com/docs/api-reference/emails/send-batch-emails).
+
+    Validation is strict by default: one invalid email refuses the whole batch, which
+    would fail every good message with it. We ask for `x-batch-validation: permissive`
+    (https://resend.com/docs/dashboard/emails/batch-validation-modes): the answer is then
+    {"data": [{"id"}, ...], "errors": [{"index", "message"}, ...]}, where `data` lists
+    the created emails in request order, skipping the ones `errors` names by their index
+    in the request. Anything else (429, 5xx, 409 for the idempotency key) is about the
+    whole request and shared by every message in it.
+
+    The request's Idempotency-Key names the set of its messages (batch_idempotency_key,
+    which says why); it is sent only when every message has its own key.
+    """
+
+    esp_name = "resend"
+    max_batch = 100  # Resend's documented limit per /emails/batch call
+    # Not accepted in a batch ("not supported yet" in Resend's reference): such a
+    # message fails alone here rather than making Resend refuse it.
+    not_in_batch = ("attachments", "scheduled_at")
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def send(self, emails: list[AnymailMessage]) -> list[BatchItemResult]:
+        results = [BatchItemResult() for _ in emails]
+        positions: list[int] = []
+        bodies: list[str] = []
+        keys: list[str | None] = []
+        headers: dict[str, str] = {}
+        for index, email in enumerate(emails):
+            email.anymail_status = AnymailStatus()
+            try:
+                payload = self.backend.build_message_payload(email, self.backend.send_defaults)
+                if payload.is_batch():
+                    raise AnymailUnsupportedFeature("Anymail batch sending (merge_data) in a Resend batch")
+                unsupported = [name for name in self.not_in_batch if payload.data.get(name)]
+                if unsupported:
+                    raise AnymailUnsupportedFeature(f"{', '.join(unsupported)} in a Resend batch")
+                body = payload.serialize_data()  # Anymail's own JSON for this message
+            except AnymailError as err:  # unsupported feature, bad address: this message only
+                results[index].error = err
+                continue
+            positions.append(index)
+            bodies.append(body)
+            keys.append(payload.headers.get("Idempotency-Key"))
+            headers = dict(payload.headers)  # Authorization, Content-Type, Accept
+        if not bodies:
+            return results
+
+        headers.pop("Idempotency-Key", None)
+        headers["x-batch-validation"] = "permissive"
+        if all(keys):
+            headers["Idempotency-Key"] = batch_idempotency_key(key for key in keys if key)
+        try:
+            # Each body is already JSON (ASCII: Anymail's json.dumps escapes the rest).
+            response = _post(
+                self.backend,
+                f"{self.backend.api_url}emails/batch",
+                headers=headers,
+                data="[" + ",".join(bodies) + "]",
+            )
+            outcomes = self._parse(response, expected=len(bodies))
+        except AnymailError as err:
+            for index in positions:
+                results[index].error = err
+            return results
+
+        for index, outcome in zip(positions, outcomes, strict=True):
+            results[index] = outcome
+        return results
+
+    def _parse(self, response: requests.Response, *, expected: int) -> list[BatchItemResult]:
+        try:
+            answer = response.json()
+        except ValueError as err:
+            raise AnymailAPIError("Resend batch answer is not JSON", backend=self.backend) from err
+        mismatch = AnymailAPIError("Resend batch answer does not match the request", backend=self.backend)
+        # Anything we cannot map to the request position by position is an unreadable
+        # answer (ambiguous for every message): never guess.
+        if not isinstance(answer, dict):
+            raise mismatch
+        data, errors = answer.get("data"), answer.get("errors") or []
+        if not isinstance(data, list) or not isinstance(errors, list):
+            raise mismatch
+        failed: dict[int, str] = {}
+        for entry in errors:
+            position = entry.get("index") if isinstance(entry, dict) else None
+            if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position < expected:
+                raise mismatch
+            failed[position] = str(entry.get("message", ""))
+        ids = [entry.get("id") if isinstance(entry, dict) else None for entry in data]
+        if (
+            len(failed) != len(errors)
+            or len(ids) + len(failed) != expected
+            or not all(isinstance(i, str) and i for i in ids)
+        ):
+            raise mismatch
+        created = iter(ids)
+        return [
+            self._item_error(failed[position], response)
+            if position in failed
+            else BatchItemResult(esp_message_id=str(next(created)))
+            for position in range(expected)
+        ]
+
+    @staticmethod
+    def _item_error(text: str, response: requests.Response) -> BatchItemResult:
+        if text.lower().startswith("invalid `to`"):
+            # An invalid recipient address: about the address, not us (as Postmark's
+            # 300 on the To field above).
+            return BatchItemResult(error=AnymailRecipientsRefused(f"Resend validation error: {text}"))
+        return BatchItemResult(
+            error=AnymailAPIError(f"Resend validation error: {text}", status_code=422, response=response)
+        )
+
+
+BATCH_SENDERS: dict[str, Callable[[Any], BatchSender]] = {
     "anymail.backends.postmark.EmailBackend": PostmarkBatchSender,
+    "anymail.backends.resend.EmailBackend": ResendBatchSender,
+    "campaigns.esp_idempotency.ResendEmailBackend": ResendBatchSender,
 }
 
 
-def batch_sender_for(backend: Any) -> PostmarkBatchSender | None:
+def batch_sender_for(backend: Any) -> BatchSender | None:
     """The batch sender for this Anymail backend instance, or None (per-message path)."""
     path = f"{type(backend).__module__}.{type(backend).__name__}"
     sender = BATCH_SENDERS.get(path)

@@ -7,11 +7,14 @@ them in the `Idempotency-Key` HTTP header
 `idempotencyKey` among the email's `headers` in the JSON body, must be a UUID, and keeps
 it 15-30 minutes (https://developers.brevo.com/docs/heterogenous-versions-batch-emails).
 The key is derived from Message.idempotency_key, so every attempt carries the same one.
+
+Resend's batch endpoint takes one key for the whole request (batch_idempotency_key).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from anymail.backends.resend import EmailBackend as AnymailResendBackend
@@ -25,6 +28,33 @@ def esp_idempotency_key(message_key: str) -> str:
     """A stable UUID for a message's idempotency key (Brevo requires a UUID; Resend
     accepts any string up to 256 characters, so the same UUID serves both)."""
     return str(uuid.uuid5(KEY_NAMESPACE, message_key))
+
+
+def batch_idempotency_key(member_keys: Iterable[str]) -> str:
+    """One key for a Resend /emails/batch request: a UUID of the *set* of its messages'
+    keys (esp_idempotency_key values).
+
+    Resend replays a request whose key and payload it has seen in the last 24 hours and
+    answers 409 to a known key with a different payload; a key it has not seen is a new
+    send. So the key must name exactly what the request carries:
+
+    - the same set of messages, resent (an ambiguous batch retried as it was) gets the
+      same key: Resend replays its first answer, nothing is sent twice. Sorted, so a new
+      order of the same messages is "the same request" too: a 409 at worst, never a
+      second copy.
+    - a batch whose membership changed (some messages suppressed, sent or re-chunked
+      since) gets a new key: reusing the old one would be refused (409) for the whole
+      batch, the new members included, until the key expired.
+    - the same set re-rendered differently (an edited contact name) keeps the key and
+      is answered 409: those messages were taken before, which is the answer we want.
+
+    What it cannot do: protect a message resent in a *different* set than the request
+    that may have carried it. That case is an ambiguous outcome, and those are
+    reconciled by webhooks and resent only after the grace period (DESIGN.md,
+    "No blind resends"); the per-message key protects single sends only.
+    """
+    digest = "\n".join(sorted(set(member_keys)))
+    return str(uuid.uuid5(KEY_NAMESPACE, f"resend-batch\n{digest}"))
 
 
 def apply_idempotency_key(email: AnymailMessage, *, message_key: str, esp_name: str) -> None:

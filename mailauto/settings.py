@@ -177,6 +177,9 @@ for _key in [k for k in os.environ if k.startswith("ANYMAIL_") and k.endswith("_
 if ESP_NAME == "postmark" and "POSTMARK_SERVER_TOKEN" not in ANYMAIL:
     ANYMAIL["POSTMARK_SERVER_TOKEN"] = "sandbox-server-token"
     ANYMAIL.setdefault("POSTMARK_API_URL", f"http://127.0.0.1:{ESP_SANDBOX_PORT}/")
+if ESP_NAME == "resend" and "RESEND_API_KEY" not in ANYMAIL:  # the sandbox speaks Resend too
+    ANYMAIL["RESEND_API_KEY"] = "sandbox-server-token"
+    ANYMAIL.setdefault("RESEND_API_URL", f"http://127.0.0.1:{ESP_SANDBOX_PORT}/")
 ANYMAIL.setdefault(
     "WEBHOOK_SECRET", env_secret("MAILAUTO_WEBHOOK_SECRET") or "sandbox:sandbox-webhook-secret"
 )

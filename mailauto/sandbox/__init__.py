@@ -1,5 +1,5 @@
-"""The local ESP sandbox: a Postmark-compatible HTTP server on loopback for the demo,
-tests and benchmarks, and a client for its control API.
+"""The local ESP sandbox: a Postmark- and Resend-compatible HTTP server on loopback for
+the demo, tests and benchmarks, and a client for its control API.
 
     from mailauto.sandbox import SandboxServer, SandboxClient
 """

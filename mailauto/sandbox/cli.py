@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, defaults: Mapping[str, Any
     parser.add_argument(
         "--server-token",
         default=defaults.get("server_token", DEFAULT_SERVER_TOKEN),
-        help="the X-Postmark-Server-Token to accept",
+        help="the Postmark server token (X-Postmark-Server-Token) and Resend API key (Bearer) to accept",
     )
     parser.add_argument(
         "--webhook-url",
@@ -78,7 +78,7 @@ def run_forever(sandbox: SandboxServer, write: Callable[[str], None]) -> None:
     sandbox.start()
     config = sandbox.config()
     write(
-        f"ESP sandbox (Postmark API) at {sandbox.url} (token {config['server_token']!r}); "
+        f"ESP sandbox (Postmark and Resend APIs) at {sandbox.url} (token {config['server_token']!r}); "
         f"webhooks to {config['webhook_url'] or 'nowhere'}; control API at {sandbox.url}_sandbox/"
     )
     try:

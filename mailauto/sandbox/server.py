@@ -1,7 +1,9 @@
 """The local ESP sandbox: a loopback HTTP server that speaks Postmark's send API
-(`POST /email`, `POST /email/batch`) so that the demo, tests and benchmarks run with no
-real ESP. It records what it accepts in memory, injects faults on demand, posts
-Postmark-format webhooks back to the app, and has a control API under `/_sandbox/`.
+(`POST /email`, `POST /email/batch`) and Resend's (`POST /emails`, `POST /emails/batch`,
+with `Idempotency-Key`) so that the demo, tests and benchmarks run with no real ESP. It
+records what it accepts in memory, injects faults on demand, posts Postmark-format
+webhooks back to the app (for Postmark sends only), and has a control API under
+`/_sandbox/`.
 
 Standard library only: `python -m mailauto.sandbox` runs it without setting up Django.
 """
@@ -10,17 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import ipaddress
 import json
 import logging
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qs
 
-from mailauto.sandbox import postmark
+from mailauto.sandbox import postmark, resend
 from mailauto.sandbox.faults import FaultPlan
 from mailauto.sandbox.webhooks import PayloadFactory, WebhookDispatcher
 
@@ -29,7 +33,9 @@ logger = logging.getLogger("mailauto.sandbox")
 DEFAULT_SERVER_TOKEN = "sandbox-server-token"
 # Postmark accepts up to 10 MB per message and 50 MB per batch.
 MAX_BODY_BYTES = 64 * 1024 * 1024
-SEND_PATHS = ("/email", "/email/batch")
+POSTMARK_PATHS = ("/email", "/email/batch")
+RESEND_PATHS = ("/emails", "/emails/batch")
+SEND_PATHS = POSTMARK_PATHS + RESEND_PATHS
 CONTROL_PREFIX = "/_sandbox"
 
 _FAULT_RESPONSES = {
@@ -40,6 +46,13 @@ _FAULT_RESPONSES = {
         postmark.ERROR_MAINTENANCE,
         "Service unavailable for maintenance (ESP sandbox fault injection).",
     ),
+}
+
+# The same faults in Resend's words (https://resend.com/docs/api-reference/errors).
+_RESEND_FAULT_RESPONSES = {
+    "429": (429, "rate_limit_exceeded", "Too many requests. Slow down (ESP sandbox fault injection)."),
+    "500": (500, "internal_server_error", "An unexpected error occurred (ESP sandbox fault injection)."),
+    "503": (503, "service_unavailable", "Service unavailable (ESP sandbox fault injection)."),
 }
 
 
@@ -173,18 +186,34 @@ class _Handler(BaseHTTPRequestHandler):
         decision = sandbox._faults.take()
         if decision.latency_s:
             time.sleep(decision.latency_s)
+        is_resend = path in RESEND_PATHS
         if decision.action in _FAULT_RESPONSES:
-            status, error_code, message = _FAULT_RESPONSES[decision.action]
+            if is_resend:
+                status, name, message = _RESEND_FAULT_RESPONSES[decision.action]
+                error: dict[str, Any] = resend.error_body(status, name, message)
+            else:
+                status, error_code, message = _FAULT_RESPONSES[decision.action]
+                error = postmark.error_body(error_code, message)
             headers = {}
             if decision.retry_after is not None and status in (429, 503):
                 headers["Retry-After"] = str(decision.retry_after)
             sandbox._count_fault(status)
-            self._send_json(status, postmark.error_body(error_code, message), headers)
+            self._send_json(status, error, headers)
             return
-        token = self.headers.get("X-Postmark-Server-Token")
-        status, response, records = sandbox._process_send(
-            path, body, token, dropped=decision.action == "drop"
-        )
+        if is_resend:
+            scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+            status, response, records = sandbox._process_send(
+                path,
+                body,
+                token.strip() if scheme.lower() == "bearer" else None,
+                dropped=decision.action == "drop",
+                idempotency_key=self.headers.get("Idempotency-Key"),
+                permissive=(self.headers.get(resend.BATCH_VALIDATION_HEADER) or "").lower() == "permissive",
+            )
+        else:
+            status, response, records = sandbox._process_send(
+                path, body, self.headers.get("X-Postmark-Server-Token"), dropped=decision.action == "drop"
+            )
         webhooks = sandbox._reserve_webhooks(records)
         try:
             if decision.action == "drop":
@@ -272,11 +301,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class SandboxServer:
-    """A Postmark-compatible ESP on loopback. Start it, point Anymail's Postmark backend
-    at `.url`, and inspect what it received.
+    """A Postmark- and Resend-compatible ESP on loopback. Start it, point Anymail's
+    Postmark or Resend backend at `.url`, and inspect what it received. `server_token` is
+    both the Postmark server token and the Resend API key (`Authorization: Bearer`).
 
         with SandboxServer(webhook_url=..., webhook_auth="user:pass") as sandbox:
-            settings.ANYMAIL["POSTMARK_API_URL"] = sandbox.url
+            settings.ANYMAIL["POSTMARK_API_URL"] = sandbox.url  # or RESEND_API_URL
     """
 
     def __init__(
@@ -317,6 +347,8 @@ class SandboxServer:
         self._lock = threading.Condition(threading.Lock())
         self._records: list[dict[str, Any]] = []
         self._by_id: dict[str, dict[str, Any]] = {}
+        # Resend's Idempotency-Key store: key -> the request's fingerprint and answer.
+        self._idempotency: dict[str, _IdempotentRequest] = {}
         self._stats = self._zero_stats()
         self._connections: set[socket.socket] = set()
         self._httpd: _HTTPServer | None = None
@@ -347,7 +379,7 @@ class SandboxServer:
         self._port = httpd.server_address[1]
         self._webhooks.start()
         logger.info(
-            "ESP sandbox (Postmark API) listening on %s; webhooks to %s",
+            "ESP sandbox (Postmark and Resend APIs) listening on %s; webhooks to %s",
             self.url,
             self._webhooks.url or "nowhere",
         )
@@ -412,10 +444,12 @@ class SandboxServer:
         return stats
 
     def reset(self) -> None:
-        """Forget recorded messages, counters and the webhook log (faults stay)."""
+        """Forget recorded messages, counters, idempotency keys and the webhook log
+        (faults stay)."""
         with self._lock:
             self._records.clear()
             self._by_id.clear()
+            self._idempotency.clear()
             self._stats = self._zero_stats()
         self._webhooks.reset()
 
@@ -473,6 +507,8 @@ class SandboxServer:
             record = self._by_id.get(message_id)
         if record is None:
             raise SandboxError(404, f"no recorded message {message_id!r}")
+        if record["esp"] != "postmark":
+            raise SandboxError(409, "the sandbox posts Postmark-format webhooks only")
         if self._webhooks.url is None:
             raise SandboxError(409, "no webhook URL is configured")
         if recipient is None:
@@ -514,6 +550,7 @@ class SandboxServer:
             "accepted": 0,
             "rejected": 0,
             "dropped": 0,
+            "idempotent_replays": 0,
             "faults_injected": 0,
             "control_requests": 0,
             "connections": 0,
@@ -540,13 +577,75 @@ class SandboxServer:
             by_status[str(status)] = by_status.get(str(status), 0) + 1
 
     def _process_send(
-        self, path: str, body: bytes, token: str | None, *, dropped: bool
+        self,
+        path: str,
+        body: bytes,
+        token: str | None,
+        *,
+        dropped: bool,
+        idempotency_key: str | None = None,
+        permissive: bool = False,
     ) -> tuple[int, Any, list[dict[str, Any]]]:
-        """Answer one send request as Postmark would, recording what it accepts."""
+        """Answer one send request as Postmark or Resend would (by path), recording what
+        it accepts. `token` is the Postmark server token or the Resend API key."""
+        received_at = postmark.now_iso()
+        claimed: str | None = None
+        replayed = False
+        records: list[dict[str, Any]]
+        if path in RESEND_PATHS:
+            try:
+                claimed, replay = self._claim_idempotency_key(token, idempotency_key, path, body)
+                if replay is not None:
+                    (status, response), records, rejected = replay, [], 0
+                    replayed = True
+                else:
+                    status, response, records, rejected = self._answer_resend(
+                        path, body, received_at, permissive=permissive, idempotency_key=idempotency_key
+                    )
+            except resend.ResendError as exc:
+                status, response, records, rejected = exc.status, exc.body(), [], 0
+            except BaseException:
+                if claimed is not None:
+                    with self._lock:
+                        del self._idempotency[claimed]  # not stuck "in progress" after a bug
+                raise
+        else:
+            status, response, records, rejected = self._answer_postmark(path, body, token, received_at)
+        with self._lock:
+            if claimed is not None:
+                # Only an accepted request is remembered: one Resend refused may be sent
+                # again, corrected, under the same key.
+                if status == 200:
+                    self._idempotency[claimed] = _IdempotentRequest(
+                        fingerprint=self._idempotency[claimed].fingerprint,
+                        at=time.monotonic(),
+                        answer=(status, response),
+                    )
+                else:
+                    del self._idempotency[claimed]
+            stats = self._stats
+            stats["requests"] += 1
+            stats["batch_requests"] += path in ("/email/batch", "/emails/batch")
+            stats["accepted"] += len(records)
+            stats["rejected"] += rejected
+            stats["idempotent_replays"] += replayed
+            key = "dropped" if dropped else str(status)
+            stats["by_status"][key] = stats["by_status"].get(key, 0) + 1
+            stats["dropped"] += dropped
+            for record in records:
+                record["index"] = len(self._records)
+                self._records.append(record)
+                self._by_id[record["message_id"]] = record
+            if records:
+                self._lock.notify_all()
+        return status, response, records
+
+    def _answer_postmark(
+        self, path: str, body: bytes, token: str | None, received_at: str
+    ) -> tuple[int, Any, list[dict[str, Any]], int]:
         records: list[dict[str, Any]] = []
         response: dict[str, Any] | list[dict[str, Any]]
         rejected = 0
-        received_at = postmark.now_iso()
         try:
             if token != self.server_token:
                 raise postmark.bad_token_error(bool(token))
@@ -575,22 +674,113 @@ class SandboxServer:
                         rejected += 1
         except postmark.PostmarkError as exc:
             status, response = exc.http_status, exc.body()
+        return status, response, records, rejected
+
+    def _claim_idempotency_key(
+        self, token: str | None, key: str | None, path: str, body: bytes
+    ) -> tuple[str | None, tuple[int, Any] | None]:
+        """Authenticate, then look the Idempotency-Key up: (key claimed for this request,
+        None), (None, the stored answer to replay), or (None, None) without a key.
+        Raises ResendError for a bad key, a different payload, or one still in flight."""
+        if not token:
+            raise resend.missing_api_key_error()
+        if token != self.server_token:
+            raise resend.invalid_api_key_error()
+        if key is None:
+            return None, None
+        if not 1 <= len(key) <= resend.MAX_IDEMPOTENCY_KEY:
+            raise resend.invalid_idempotency_key_error()
+        fingerprint = hashlib.sha256(path.encode() + b"\n" + body).hexdigest()
+        now = time.monotonic()
         with self._lock:
-            stats = self._stats
-            stats["requests"] += 1
-            stats["batch_requests"] += path == "/email/batch"
-            stats["accepted"] += len(records)
-            stats["rejected"] += rejected
-            key = "dropped" if dropped else str(status)
-            stats["by_status"][key] = stats["by_status"].get(key, 0) + 1
-            stats["dropped"] += dropped
-            for record in records:
-                record["index"] = len(self._records)
-                self._records.append(record)
-                self._by_id[record["message_id"]] = record
-            if records:
-                self._lock.notify_all()
-        return status, response, records
+            entry = self._idempotency.get(key)
+            if (
+                entry is not None
+                and entry.answer is not None
+                and now - entry.at > resend.IDEMPOTENCY_TTL_SECONDS
+            ):
+                del self._idempotency[key]
+                entry = None
+            if entry is None:
+                self._idempotency[key] = _IdempotentRequest(fingerprint=fingerprint, at=now, answer=None)
+                return key, None
+        if entry.fingerprint != fingerprint:
+            raise resend.idempotency_conflict_error()
+        if entry.answer is None:
+            raise resend.idempotency_in_progress_error()
+        return None, entry.answer
+
+    def _answer_resend(
+        self, path: str, body: bytes, received_at: str, *, permissive: bool, idempotency_key: str | None
+    ) -> tuple[int, Any, list[dict[str, Any]], int]:
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise resend.invalid_json_error() from exc
+        if path == "/emails":
+            parsed = resend.parse_email(data, in_batch=False)
+            record = self._resend_record(parsed, "emails", received_at, idempotency_key)
+            return 200, {"id": record["message_id"]}, [record], 0
+        if not isinstance(data, list) or not data:
+            raise resend.validation_error("The batch must be a non-empty JSON array of emails.")
+        if len(data) > resend.MAX_BATCH_EMAILS:
+            raise resend.validation_error(
+                f"Too many emails in the batch: {len(data)}; the limit is {resend.MAX_BATCH_EMAILS}."
+            )
+        parsed_items: list[resend.ParsedEmail | None] = []
+        errors: list[dict[str, Any]] = []
+        for index, item in enumerate(data):
+            try:
+                parsed_items.append(resend.parse_email(item, in_batch=True))
+            except resend.ResendError as exc:
+                if not permissive:
+                    # Strict (the default): one invalid email refuses the whole batch.
+                    raise resend.ResendError(exc.status, exc.name, f"emails[{index}]: {exc.message}") from exc
+                parsed_items.append(None)
+                errors.append({"index": index, "message": exc.message})
+        # `data` lists the created emails in request order; permissive mode adds `errors`
+        # (index into the request) for the ones it could not create.
+        records = [
+            self._resend_record(parsed, "emails/batch", received_at, idempotency_key)
+            for parsed in parsed_items
+            if parsed is not None
+        ]
+        response: dict[str, Any] = {"data": [{"id": r["message_id"]} for r in records]}
+        if permissive:
+            response["errors"] = errors
+        return 200, response, records, len(errors)
+
+    def _resend_record(
+        self, parsed: resend.ParsedEmail, endpoint: str, received_at: str, idempotency_key: str | None
+    ) -> dict[str, Any]:
+        # Anymail's Resend backend carries metadata and tags in X-Metadata and X-Tags.
+        metadata = resend.header_json(parsed.headers, "X-Metadata")
+        tags = resend.header_json(parsed.headers, "X-Tags")
+        data = parsed.raw
+        record: dict[str, Any] = {
+            "index": None,
+            "message_id": postmark.new_message_id(),
+            "esp": "resend",
+            "endpoint": endpoint,
+            "received_at": received_at,
+            "idempotency_key": idempotency_key,
+            "from": parsed.from_,
+            "to": parsed.to,
+            "cc": parsed.cc,
+            "bcc": parsed.bcc,
+            "inactive": [],
+            "subject": data.get("subject"),
+            "headers": {k: v for k, v in parsed.headers.items() if k.lower() not in ("x-metadata", "x-tags")},
+            "metadata": metadata if isinstance(metadata, dict) else {},
+            "tag": tags[0] if isinstance(tags, list) and tags else None,
+            "message_stream": None,
+            "_recipients": frozenset(a.lower() for a in parsed.to + parsed.cc + parsed.bcc),
+        }
+        if self.record_bodies:
+            record["html"] = data.get("html")
+            record["text"] = data.get("text")
+            record["raw"] = data
+        return record
 
     def _accept_one(
         self, data: Any, endpoint: str, received_at: str
@@ -609,8 +799,10 @@ class SandboxServer:
         record: dict[str, Any] = {
             "index": None,
             "message_id": message_id,
+            "esp": "postmark",
             "endpoint": endpoint,
             "received_at": received_at,
+            "idempotency_key": None,
             "from": message.from_.addr_spec,
             "to": [a.addr_spec for a in message.to],
             "cc": [a.addr_spec for a in message.cc],
@@ -638,6 +830,8 @@ class SandboxServer:
             return []
         jobs: list[list[PayloadFactory]] = []
         for record in records:
+            if record["esp"] != "postmark":
+                continue  # the webhooks are Postmark's format; Resend's are not simulated
             seen: set[str] = set()
             for recipient in record["to"] + record["cc"] + record["bcc"]:
                 if recipient.lower() in record["inactive"] or recipient.lower() in seen:
@@ -655,6 +849,13 @@ class SandboxServer:
                     ]
                 )
         return self._webhooks.reserve(jobs)
+
+
+@dataclass(frozen=True)
+class _IdempotentRequest:
+    fingerprint: str  # SHA-256 of the path and body: "same request" as Resend compares it
+    at: float  # monotonic time of the answer (kept IDEMPOTENCY_TTL_SECONDS)
+    answer: tuple[int, Any] | None  # None while the first request is still in flight
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,26 @@
-"""Batch sending through Postmark's /email/batch, per-message results mapped back."""
+"""Batch sending through Postmark's /email/batch and Resend's /emails/batch, over real
+HTTP to the sandbox, per-message results mapped back."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from typing import Any
 from unittest import mock
 
-from campaigns.delivery import messages_send_batch
+import requests
+from anymail.backends.resend import EmailBackend as AnymailResendBackend
+from anymail.exceptions import AnymailAPIError, AnymailRequestsAPIError, AnymailUnsupportedFeature
+from anymail.message import AnymailMessage
+from django.conf import settings
+from django.core.mail import get_connection
+from django.test import SimpleTestCase, override_settings
+
+from campaigns.delivery import ErrorKind, classify_send_error, messages_send_batch
+from campaigns.esp_batch import BatchItemResult, ResendBatchSender, batch_sender_for
+from campaigns.esp_idempotency import apply_idempotency_key, batch_idempotency_key, esp_idempotency_key
 from campaigns.models import Message
+from mailauto.sandbox import DEFAULT_SERVER_TOKEN
 from suppression.models import Suppression
 from tests import factories
 from tests.campaigns.test_delivery import SandboxTestCase
@@ -85,3 +100,252 @@ class BatchSendTests(SandboxTestCase):
         self.assertEqual((result.sent, result.requests), (3, 3))
         self.assertEqual(len(self.sandbox.messages()), 3)
         self.assertEqual(self.sandbox.stats()["batch_requests"], 0)
+
+
+# --- Resend's /emails/batch ----------------------------------------------------------------
+
+
+class ResendSandboxTestCase(SandboxTestCase):
+    """The same sandbox, speaking Resend: settings as MAILAUTO_ESP=resend would make them
+    (mailauto/settings.py picks the idempotent backend), pointed at the sandbox."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        override = override_settings(
+            ESP_NAME="resend",
+            EMAIL_BACKEND="campaigns.esp_idempotency.ResendEmailBackend",
+            ANYMAIL={
+                **settings.ANYMAIL,
+                "RESEND_API_KEY": DEFAULT_SERVER_TOKEN,
+                "RESEND_API_URL": self.sandbox.url,
+            },
+        )
+        override.enable()
+        self.addCleanup(override.disable)
+
+    def make(self, emails: list[str]) -> list[Message]:
+        return [
+            factories.message(self.version, factories.contact(email=email), self.event) for email in emails
+        ]
+
+    def anymail_email(self, to: str, key: str, **kw: Any) -> AnymailMessage:
+        email = AnymailMessage(
+            subject=kw.pop("subject", "Hello"),
+            body="Hi",
+            from_email="shop@example.com",
+            to=[to],
+            metadata={"to": to},
+            **kw,
+        )
+        apply_idempotency_key(email, message_key=key, esp_name="resend")
+        return email
+
+    def sender(self) -> ResendBatchSender:
+        connection = get_connection()
+        connection.open()
+        self.addCleanup(connection.close)
+        sender = batch_sender_for(connection)
+        assert isinstance(sender, ResendBatchSender)
+        return sender
+
+
+class ResendBatchSendTests(ResendSandboxTestCase):
+    def test_the_resend_backend_gets_the_resend_batch_sender(self) -> None:
+        self.assertEqual(self.sender().max_batch, 100)
+        self.assertIsInstance(batch_sender_for(AnymailResendBackend(api_key="k")), ResendBatchSender)
+
+    def test_many_messages_go_in_one_request_each_with_its_own_id(self) -> None:
+        messages = self.make([f"r{n}@example.com" for n in range(5)])
+        result = messages_send_batch()
+        self.assertEqual((result.sent, result.requests), (5, 1))
+        stats = self.sandbox.stats()
+        self.assertEqual((stats["requests"], stats["batch_requests"]), (1, 1))
+        recorded = self.sandbox.messages()
+        self.assertEqual({m["endpoint"] for m in recorded}, {"emails/batch"})
+        by_recipient = {m["to"][0]: m for m in recorded}
+        for message in messages:
+            message.refresh_from_db()
+            self.assertEqual(message.status, Message.Status.SENT)
+            accepted = by_recipient[message.to_email]
+            self.assertEqual(message.esp_message_id, accepted["message_id"])
+            # Built by Anymail's Resend backend: metadata in X-Metadata, tags in X-Tags.
+            self.assertEqual(accepted["metadata"], {"mailauto_message_id": str(message.pk)})
+            self.assertEqual(accepted["tag"], "marketing")
+        self.assertEqual(len({m["message_id"] for m in recorded}), 5)
+
+    def test_one_invalid_message_fails_alone(self) -> None:
+        good1, bad, good2 = self.make(["a@example.com", "someone@bad_domain.example", "b@example.com"])
+        result = messages_send_batch()
+        self.assertEqual((result.sent, result.failed, result.requests), (2, 1, 1))
+        for message, status in ((good1, "sent"), (bad, "failed"), (good2, "sent")):
+            message.refresh_from_db()
+            self.assertEqual(message.status, status)
+        self.assertIn("recipient refused", bad.status_reason)
+        self.assertEqual(
+            sorted(m["to"][0] for m in self.sandbox.messages()), ["a@example.com", "b@example.com"]
+        )
+        # The ids went to the right messages although the answer skipped the bad one.
+        by_recipient = {m["to"][0]: m["message_id"] for m in self.sandbox.messages()}
+        self.assertEqual(good2.esp_message_id, by_recipient["b@example.com"])
+
+    def test_invalid_messages_are_mapped_back_by_their_position(self) -> None:
+        addresses = [
+            "x@bad_one.example",
+            "a@example.com",
+            "b@example.com",
+            "y@bad_two.example",
+            "c@example.com",
+        ]
+        emails = [self.anymail_email(to, f"pos-{n}") for n, to in enumerate(addresses)]
+        results = self.sender().send(emails)
+        recorded = {m["to"][0]: m["message_id"] for m in self.sandbox.messages()}
+        self.assertEqual(
+            [r.esp_message_id for r in results],
+            ["", recorded["a@example.com"], recorded["b@example.com"], "", recorded["c@example.com"]],
+        )
+        self.assertEqual(
+            [type(r.error).__name__ for r in results],
+            ["AnymailRecipientsRefused", "NoneType", "NoneType", "AnymailRecipientsRefused", "NoneType"],
+        )
+
+    def test_a_message_anymail_cannot_build_fails_alone_before_the_request(self) -> None:
+        bad = self.anymail_email("a@example.com", "k-1")
+        bad.attach("notes.txt", b"hi", "text/plain")  # attachments: not in a Resend batch
+        results = self.sender().send([bad, self.anymail_email("b@example.com", "k-2")])
+        self.assertIsInstance(results[0].error, AnymailUnsupportedFeature)
+        self.assertTrue(results[1].esp_message_id)
+        self.assertEqual(len(self.sandbox.messages()), 1)
+
+    def test_a_rate_limited_batch_retries_every_message(self) -> None:
+        messages = self.make(["a@example.com", "b@example.com"])
+        self.sandbox.set_faults(fail_429=1, retry_after=3)
+        result = messages_send_batch()
+        self.assertEqual(result.retrying, 2)
+        for message in messages:
+            message.refresh_from_db()
+            self.assertEqual(message.status, Message.Status.QUEUED)
+            self.assertIn("429", message.status_reason)
+        self.assertEqual(self.sandbox.messages(), [])
+
+    def test_a_server_error_retries_every_message(self) -> None:
+        for fault in ("fail_500", "fail_503"):
+            with self.subTest(fault):
+                messages = self.make(["a@example.com", "b@example.com"])
+                self.sandbox.set_faults(**{fault: 1})
+                result = messages_send_batch()
+                self.assertEqual(result.retrying, 2)
+                for message in messages:
+                    message.refresh_from_db()
+                    self.assertEqual(message.status, Message.Status.QUEUED)
+                    self.assertIn(fault.removeprefix("fail_"), message.status_reason)
+                Message.objects.filter(pk__in=[m.pk for m in messages]).delete()
+
+    def test_429_and_5xx_are_classified_as_for_postmark(self) -> None:
+        for fault, status in (("fail_429", 429), ("fail_500", 500), ("fail_503", 503)):
+            with self.subTest(fault):
+                self.sandbox.set_faults(**{fault: 1}, retry_after=7)
+                [item] = self.sender().send([self.anymail_email("a@example.com", f"c-{fault}")])
+                assert item.error is not None
+                self.assertIsInstance(item.error, AnymailRequestsAPIError)
+                verdict = classify_send_error(item.error)
+                self.assertEqual(verdict.kind, ErrorKind.RETRYABLE)
+                self.assertEqual(verdict.rate_limited, status == 429)
+                self.assertEqual(verdict.retry_after, 7.0 if status in (429, 503) else None)
+
+    def test_a_dropped_batch_answer_makes_every_message_unknown(self) -> None:
+        messages = self.make(["a@example.com", "b@example.com"])
+        self.sandbox.set_faults(drop=1)
+        result = messages_send_batch()
+        self.assertEqual(result.unknown, 2)
+        for message in messages:
+            message.refresh_from_db()
+            self.assertEqual(message.status, Message.Status.UNKNOWN)
+        self.assertEqual(len(self.sandbox.messages()), 2)  # the ESP has them; we must not resend
+
+    def test_the_batch_sends_one_idempotency_key_for_its_set_of_messages(self) -> None:
+        messages = self.make(["a@example.com", "b@example.com", "c@example.com"])
+        messages_send_batch()
+        expected = batch_idempotency_key(esp_idempotency_key(m.idempotency_key) for m in messages)
+        self.assertEqual({m["idempotency_key"] for m in self.sandbox.messages()}, {expected})
+
+    def test_a_retried_ambiguous_batch_is_replayed_not_sent_twice(self) -> None:
+        sender = self.sender()
+        self.sandbox.set_faults(drop=1)
+        first = sender.send([self.anymail_email(f"{n}@example.com", f"amb-{n}") for n in range(3)])
+        self.assertTrue(all(isinstance(r.error, AnymailRequestsAPIError) for r in first))
+        again = sender.send([self.anymail_email(f"{n}@example.com", f"amb-{n}") for n in range(3)])
+        recorded = self.sandbox.messages()
+        self.assertEqual(len(recorded), 3)
+        self.assertEqual([r.esp_message_id for r in again], [m["message_id"] for m in recorded])
+        self.assertEqual(self.sandbox.stats()["idempotent_replays"], 1)
+
+    def test_the_same_messages_with_a_changed_body_are_refused_as_a_whole_not_resent(self) -> None:
+        sender = self.sender()
+        sender.send(
+            [self.anymail_email("a@example.com", "chg-1"), self.anymail_email("b@example.com", "chg-2")]
+        )
+        again = sender.send(
+            [
+                self.anymail_email("a@example.com", "chg-1", subject="Hello again"),
+                self.anymail_email("b@example.com", "chg-2"),
+            ]
+        )
+        for item in again:
+            self.assertIsInstance(item.error, AnymailRequestsAPIError)
+            self.assertEqual(getattr(item.error, "status_code", None), 409)
+            # The ESP has these messages: held as unknown, never failed or blindly resent.
+            self.assertEqual(classify_send_error(item.error).kind, ErrorKind.AMBIGUOUS)
+        self.assertEqual(len(self.sandbox.messages()), 2)
+
+    def test_more_than_100_messages_take_two_requests_of_at_most_100(self) -> None:
+        contacts = [factories.contact(email=f"bulk{n}@example.com") for n in range(101)]
+        Message.objects.bulk_create(
+            [
+                Message(
+                    idempotency_key=f"resend-bulk-{n}",
+                    template_version=self.version,
+                    contact=contact,
+                    to_email=contact.email,
+                    event=self.event,
+                    purpose="marketing",
+                )
+                for n, contact in enumerate(contacts)
+            ]
+        )
+        result = messages_send_batch(limit=101)
+        self.assertEqual((result.sent, result.requests), (101, 2))
+        self.assertEqual(self.sandbox.stats()["batch_requests"], 2)
+        per_request = Counter(m["idempotency_key"] for m in self.sandbox.messages())
+        self.assertEqual(sorted(per_request.values()), [1, 100])
+
+
+class ResendAnswerParsingTests(SimpleTestCase):
+    """Answers the sandbox never gives: anything that cannot be mapped position by
+    position is ambiguous for every message, never guessed."""
+
+    def parse(self, answer: object, *, expected: int) -> list[BatchItemResult]:
+        response = requests.Response()
+        response.status_code = 200
+        response._content = json.dumps(answer).encode()
+        return ResendBatchSender(backend=None)._parse(response, expected=expected)
+
+    def test_ids_fill_the_positions_the_errors_leave(self) -> None:
+        results = self.parse(
+            {"data": [{"id": "a"}, {"id": "c"}], "errors": [{"index": 1, "message": "Missing `subject`"}]},
+            expected=3,
+        )
+        self.assertEqual([r.esp_message_id for r in results], ["a", "", "c"])
+        self.assertEqual(classify_send_error(results[1].error).kind, ErrorKind.PERMANENT)  # type: ignore[arg-type]
+
+    def test_answers_that_do_not_match_the_request_are_refused(self) -> None:
+        for answer in (
+            {"data": [{"id": "a"}]},  # one id for two messages
+            {"data": [{"id": "a"}, {"id": "b"}], "errors": [{"index": 0, "message": "x"}]},  # too many
+            {"data": [{"id": "a"}], "errors": [{"index": 2, "message": "x"}]},  # index out of range
+            {"data": [], "errors": [{"index": 0, "message": "x"}, {"index": 0, "message": "x"}]},
+            {"data": [{"id": ""}, {"id": "b"}]},
+            [{"id": "a"}, {"id": "b"}],
+        ):
+            with self.subTest(answer=answer), self.assertRaises(AnymailAPIError) as caught:
+                self.parse(answer, expected=2)
+            self.assertEqual(classify_send_error(caught.exception).kind, ErrorKind.AMBIGUOUS)

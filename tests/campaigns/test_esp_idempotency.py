@@ -1,5 +1,5 @@
 """Idempotency keys reach Resend (HTTP header) and Brevo (JSON headers), the same on
-every attempt of a message."""
+every attempt of a message; a Resend batch's key names its set of messages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import json
 from anymail.message import AnymailMessage
 from django.test import SimpleTestCase, override_settings
 
-from campaigns.esp_idempotency import ResendEmailBackend, apply_idempotency_key, esp_idempotency_key
+from campaigns.esp_idempotency import (
+    ResendEmailBackend,
+    apply_idempotency_key,
+    batch_idempotency_key,
+    esp_idempotency_key,
+)
 
 
 def email_for(esp: str, key: str) -> AnymailMessage:
@@ -22,6 +27,15 @@ class IdempotencyKeyTests(SimpleTestCase):
     def test_the_key_is_a_stable_uuid_per_message(self) -> None:
         self.assertEqual(esp_idempotency_key("evt-1:3"), esp_idempotency_key("evt-1:3"))
         self.assertNotEqual(esp_idempotency_key("evt-1:3"), esp_idempotency_key("evt-1:4"))
+
+    def test_a_batch_key_names_the_set_of_its_messages(self) -> None:
+        a, b, c = (esp_idempotency_key(k) for k in ("evt-1:1", "evt-1:2", "evt-1:3"))
+        self.assertEqual(batch_idempotency_key([a, b]), batch_idempotency_key([b, a]))
+        self.assertNotEqual(batch_idempotency_key([a, b]), batch_idempotency_key([a, b, c]))
+        self.assertNotEqual(batch_idempotency_key([a, b]), batch_idempotency_key([a, c]))
+        # A batch of one is not the single send of that message (another endpoint).
+        self.assertNotEqual(batch_idempotency_key([a]), a)
+        self.assertLessEqual(len(batch_idempotency_key([a, b, c])), 256)
 
     def test_resend_gets_the_http_header(self) -> None:
         backend = ResendEmailBackend()

@@ -759,7 +759,7 @@ def test_command_line_serves_until_sigterm(command: list[str]) -> None:
         url = None
         assert process.stdout is not None
         for line in process.stdout:
-            match = re.search(r"ESP sandbox \(Postmark API\) at (\S+)", line)
+            match = re.search(r"ESP sandbox \(Postmark and Resend APIs\) at (\S+)", line)
             if match:
                 url = match.group(1)
                 break
@@ -776,3 +776,244 @@ def test_command_line_serves_until_sigterm(command: list[str]) -> None:
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=10)
     assert returncode == 0
+
+
+# --- Resend's API: Anymail's Resend backend and /emails/batch ------------------------------------
+
+
+@contextmanager
+def anymail_resend_to(sandbox: SandboxServer, token: str = TOKEN) -> Iterator[None]:
+    with override_settings(
+        EMAIL_BACKEND="campaigns.esp_idempotency.ResendEmailBackend",
+        ANYMAIL={"RESEND_API_KEY": token, "RESEND_API_URL": sandbox.url},
+    ):
+        yield
+
+
+def post_resend(
+    sandbox: SandboxServer, path: str, data: Any, token: str | None = TOKEN, **headers: str
+) -> requests.Response:
+    sent = {"Content-Type": "application/json", **{k.replace("_", "-"): v for k, v in headers.items()}}
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    return requests.post(
+        sandbox.url + path,
+        data=data if isinstance(data, str | bytes) else json.dumps(data),
+        headers=sent,
+        timeout=10,
+    )
+
+
+def resend_email(to: str, **extra: Any) -> dict[str, Any]:
+    return {"from": "Shop <hello@shop.test>", "to": [to], "subject": "Hi", "text": "Hello", **extra}
+
+
+def test_anymail_resend_send_returns_the_sandbox_id_and_records_metadata_and_tags(
+    sandbox: SandboxServer,
+) -> None:
+    from campaigns.esp_idempotency import apply_idempotency_key, esp_idempotency_key
+
+    msg = message(
+        to="Alice <alice@example.com>",
+        headers={"List-Unsubscribe": "<https://shop.test/u/1>"},
+        metadata={"mailauto_message_id": "42"},
+        tags=["welcome"],
+    )
+    apply_idempotency_key(msg, message_key="evt-9:1", esp_name="resend")
+    with anymail_resend_to(sandbox):
+        msg.send()
+
+    [recorded] = sandbox.messages()
+    assert msg.anymail_status.message_id == recorded["message_id"]
+    assert (recorded["esp"], recorded["endpoint"]) == ("resend", "emails")
+    assert (recorded["from"], recorded["to"]) == ("hello@shop.test", ["alice@example.com"])
+    assert recorded["metadata"] == {"mailauto_message_id": "42"}
+    assert recorded["tag"] == "welcome"
+    assert recorded["headers"] == {"List-Unsubscribe": "<https://shop.test/u/1>"}
+    assert recorded["idempotency_key"] == esp_idempotency_key("evt-9:1")
+
+
+def test_resend_wants_a_bearer_api_key(sandbox: SandboxServer) -> None:
+    missing = post_resend(sandbox, "emails", resend_email("a@example.com"), token=None)
+    wrong = post_resend(sandbox, "emails", resend_email("a@example.com"), token="re_wrong")
+
+    assert (missing.status_code, missing.json()["name"]) == (401, "missing_api_key")
+    assert (wrong.status_code, wrong.json()["name"]) == (401, "validation_error")
+    assert set(wrong.json()) == {"statusCode", "name", "message"}
+    with anymail_resend_to(sandbox, token="re_wrong"), pytest.raises(AnymailAPIError) as excinfo:
+        message().send()
+    assert excinfo.value.status_code == 401
+    assert sandbox.messages() == []
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "text"),
+    [
+        (resend_email("not-an-address"), "validation_error", "Invalid `to` field"),
+        (resend_email("x@bad_domain.example"), "validation_error", "Invalid `to` field"),
+        ({"to": ["a@example.com"], "subject": "Hi", "text": "x"}, "missing_required_field", "`from`"),
+        (resend_email("a@example.com", subject=""), "missing_required_field", "`subject`"),
+        (resend_email("a@example.com", text=""), "validation_error", "`html` or `text`"),
+        (resend_email("a@example.com", headers={"X-N": 1}), "validation_error", "`headers`"),
+    ],
+)
+def test_invalid_resend_email_is_refused_with_422(
+    sandbox: SandboxServer, data: dict[str, Any], name: str, text: str
+) -> None:
+    response = post_resend(sandbox, "emails", data)
+
+    assert response.status_code == 422
+    assert response.json()["name"] == name
+    assert text in response.json()["message"]
+    assert sandbox.messages() == []
+
+
+def test_resend_batch_answers_the_ids_in_request_order(sandbox: SandboxServer) -> None:
+    emails = [
+        resend_email(f"r{n}@example.com", headers={"X-Metadata": json.dumps({"n": n})}) for n in range(100)
+    ]
+    response = post_resend(sandbox, "emails/batch", emails)
+
+    assert response.status_code == 200
+    ids = [item["id"] for item in response.json()["data"]]
+    recorded = sandbox.messages()
+    assert ids == [r["message_id"] for r in recorded]
+    assert [r["metadata"]["n"] for r in recorded] == list(range(100))
+    assert {r["endpoint"] for r in recorded} == {"emails/batch"}
+    assert "errors" not in response.json()
+
+
+def test_resend_batch_over_100_emails_is_refused(sandbox: SandboxServer) -> None:
+    response = post_resend(sandbox, "emails/batch", [resend_email("a@example.com")] * 101)
+
+    assert (response.status_code, response.json()["name"]) == (422, "validation_error")
+    assert sandbox.messages() == []
+
+
+def test_resend_batch_is_strict_by_default_and_refuses_every_email_for_one_bad_one(
+    sandbox: SandboxServer,
+) -> None:
+    emails = [resend_email("a@example.com"), resend_email("not-an-address"), resend_email("b@example.com")]
+    response = post_resend(sandbox, "emails/batch", emails)
+
+    assert response.status_code == 422
+    assert "Invalid `to` field" in response.json()["message"]
+    assert sandbox.messages() == []
+
+
+def test_permissive_resend_batch_creates_the_valid_emails_and_lists_the_others(
+    sandbox: SandboxServer,
+) -> None:
+    emails = [
+        resend_email("not-an-address"),
+        resend_email("a@example.com"),
+        resend_email("b@example.com", attachments=[{"filename": "a.txt", "content": "aGk="}]),
+        resend_email("c@example.com"),
+    ]
+    response = post_resend(sandbox, "emails/batch", emails, x_batch_validation="permissive")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert [e["index"] for e in body["errors"]] == [0, 2]
+    assert "`attachments`" in body["errors"][1]["message"]
+    assert [d["id"] for d in body["data"]] == [r["message_id"] for r in sandbox.messages()]
+    assert [r["to"] for r in sandbox.messages()] == [["a@example.com"], ["c@example.com"]]
+    assert sandbox.stats()["rejected"] == 2
+
+
+def test_resend_idempotency_key_replays_the_same_request_without_storing_it_again(
+    sandbox: SandboxServer,
+) -> None:
+    emails = [resend_email("a@example.com"), resend_email("b@example.com")]
+    first = post_resend(sandbox, "emails/batch", emails, Idempotency_Key="batch-1")
+    again = post_resend(sandbox, "emails/batch", emails, Idempotency_Key="batch-1")
+    single = post_resend(sandbox, "emails", resend_email("c@example.com"), Idempotency_Key="one")
+    single_again = post_resend(sandbox, "emails", resend_email("c@example.com"), Idempotency_Key="one")
+
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.json() == first.json()
+    assert single_again.json() == single.json()
+    assert len(sandbox.messages()) == 3
+    assert sandbox.stats()["idempotent_replays"] == 2
+    assert {r["idempotency_key"] for r in sandbox.messages()} == {"batch-1", "one"}
+
+
+def test_resend_idempotency_key_with_another_payload_is_refused_with_409(sandbox: SandboxServer) -> None:
+    post_resend(sandbox, "emails", resend_email("a@example.com"), Idempotency_Key="k")
+    other = post_resend(sandbox, "emails", resend_email("b@example.com"), Idempotency_Key="k")
+    too_long = post_resend(sandbox, "emails", resend_email("b@example.com"), Idempotency_Key="k" * 257)
+
+    assert (other.status_code, other.json()["name"]) == (409, "invalid_idempotent_request")
+    assert (too_long.status_code, too_long.json()["name"]) == (400, "invalid_idempotency_key")
+    assert len(sandbox.messages()) == 1
+
+
+def test_a_refused_resend_request_does_not_use_up_its_idempotency_key(sandbox: SandboxServer) -> None:
+    sandbox.set_faults(fail_429=1)
+    limited = post_resend(sandbox, "emails", resend_email("a@example.com"), Idempotency_Key="k")
+    invalid = post_resend(sandbox, "emails", resend_email("not-an-address"), Idempotency_Key="k2")
+    retried = post_resend(sandbox, "emails", resend_email("a@example.com"), Idempotency_Key="k")
+    fixed = post_resend(sandbox, "emails", resend_email("b@example.com"), Idempotency_Key="k2")
+
+    assert (limited.status_code, invalid.status_code) == (429, 422)
+    assert (retried.status_code, fixed.status_code) == (200, 200)
+    assert len(sandbox.messages()) == 2
+
+
+def test_a_dropped_resend_answer_is_replayed_for_the_same_key(sandbox: SandboxServer) -> None:
+    sandbox.set_faults(drop=1)
+    with pytest.raises(requests.ConnectionError):
+        post_resend(sandbox, "emails/batch", [resend_email("a@example.com")], Idempotency_Key="k")
+    retried = post_resend(sandbox, "emails/batch", [resend_email("a@example.com")], Idempotency_Key="k")
+
+    [recorded] = sandbox.messages()
+    assert retried.json() == {"data": [{"id": recorded["message_id"]}]}
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "name"),
+    [
+        ("fail_429", 429, "rate_limit_exceeded"),
+        ("fail_500", 500, "internal_server_error"),
+        ("fail_503", 503, "service_unavailable"),
+    ],
+)
+def test_resend_faults_answer_in_resends_error_shape(
+    sandbox: SandboxServer, fault: str, status: int, name: str
+) -> None:
+    sandbox.set_faults(**{fault: 1}, retry_after=7)
+    with anymail_resend_to(sandbox), pytest.raises(AnymailAPIError) as excinfo:
+        message().send()
+
+    assert excinfo.value.status_code == status
+    assert excinfo.value.response.json() == {
+        "statusCode": status,
+        "name": name,
+        "message": excinfo.value.response.json()["message"],
+    }
+    assert excinfo.value.response.headers.get("Retry-After") == ("7" if status in (429, 503) else None)
+    assert sandbox.messages() == []
+
+
+def test_resend_sends_post_no_postmark_webhooks(
+    webhook_sandbox: SandboxServer, receiver: WebhookReceiver
+) -> None:
+    post_resend(webhook_sandbox, "emails", resend_email("bounce@example.com"))
+    [recorded] = webhook_sandbox.messages()
+
+    assert webhook_sandbox.stats()["webhooks_queued"] == 0
+    with pytest.raises(SandboxError) as excinfo:
+        webhook_sandbox.trigger_webhook(recorded["message_id"], "Bounce")
+    assert excinfo.value.status == 409
+    # The Postmark side of the same sandbox still scripts its webhooks.
+    post_json(webhook_sandbox, "email", postmark_message("bounce@example.com"))
+    assert receiver.wait_for(1)[0]["json"]["RecordType"] == "Bounce"
+
+
+def test_reset_forgets_idempotency_keys(sandbox: SandboxServer) -> None:
+    post_resend(sandbox, "emails", resend_email("a@example.com"), Idempotency_Key="k")
+    sandbox.reset()
+    post_resend(sandbox, "emails", resend_email("a@example.com"), Idempotency_Key="k")
+
+    assert len(sandbox.messages()) == 1
+    assert sandbox.stats()["idempotent_replays"] == 0
