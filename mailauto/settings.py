@@ -123,11 +123,14 @@ else:
     _broker_dir = VAR_DIR / "broker"
     (_broker_dir / "queue").mkdir(parents=True, exist_ok=True)
     (_broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+    (_broker_dir / "control").mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
     CELERY_BROKER_TRANSPORT_OPTIONS = {  # type: ignore[no-redef]
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
+        # Exchange tables; kombu's default is ./control in the working directory.
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
 
@@ -196,7 +199,7 @@ MAILAUTO = {
     "SEND_BATCH_SIZE": env.int("MAILAUTO_SEND_BATCH_SIZE", default=500),
     "SEND_LEASE_SECONDS": env.int("MAILAUTO_SEND_LEASE_SECONDS", default=300),
     "UNKNOWN_RESEND_GRACE_SECONDS": env.int("MAILAUTO_UNKNOWN_RESEND_GRACE", default=6 * 3600),
-    # The shared rate limit (campaigns/throttle.py): a token bucket per ESP account in
+    # The shared rate limit (campaigns/throttle/): a token bucket per ESP account in
     # Redis (or a state file under VAR_DIR without Redis). BURST: requests that may go
     # at once after a quiet spell (default: one second's worth). ACCOUNT: names the ESP
     # account the limit belongs to (default: a hash of the ESP's API key).

@@ -49,8 +49,8 @@ def test_emit_on_the_embedded_sqlite_defaults(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL"}}
     env.update(MAILAUTO_VAR_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="mailauto.settings")
     out = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", SCRIPT],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "manage.py"), "shell", "-c", SCRIPT],
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -58,6 +58,10 @@ def test_emit_on_the_embedded_sqlite_defaults(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "mailauto.sqlite3").exists()  # really the embedded database
+    # The nudge went through kombu's filesystem broker, which keeps its files under
+    # MAILAUTO_VAR_DIR, not in the working directory (its default is ./control).
+    assert (tmp_path / "broker" / "control").is_dir()
+    assert not (tmp_path / "control").exists()
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["first"] == result["again"] == "e-1"
     assert result["many"] == 1500
