@@ -37,7 +37,7 @@ from django.utils import timezone
 from campaigns import throttle
 from campaigns.esp_batch import BatchItemResult, batch_sender_for
 from campaigns.esp_idempotency import apply_idempotency_key
-from campaigns.models import Message, TemplateVersion
+from campaigns.models import Broadcast, Message, TemplateVersion
 from campaigns.rendering import RenderedEmail, build_context, render_email
 from campaigns.schemas import sensitive_fields
 from campaigns.warmup import warmup_admit, warmup_release, warmup_schedule_current
@@ -184,10 +184,12 @@ def claimable_messages_q(now) -> Q:  # type: ignore[no-untyped-def]
     """Due queued messages, and claimed ones whose worker died before handing them to
     the ESP (CLAIMED is before the HTTP request, so retaking them is safe).
 
-    Messages of a paused or deactivated automation wait, queued, until it is active
-    again: a pause (by a marketer, or by the reputation guard) stops its mail at once.
+    Messages of a paused or deactivated automation, or of a broadcast that is not
+    sending (paused, cancelled), wait, queued, until it is active again: a pause (by a
+    marketer, or by the reputation guard) stops its mail at once.
     """
     not_paused = Q(automation__isnull=True) | Q(automation__active=True)
+    not_paused &= Q(broadcast__isnull=True) | Q(broadcast__status=Broadcast.Status.SENDING)
     return Q(not_paused, status=Message.Status.QUEUED, send_after__lte=now) | Q(
         status=Message.Status.CLAIMED, locked_until__lt=now, claims__lt=_max_claims()
     )

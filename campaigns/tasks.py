@@ -13,7 +13,7 @@ from typing import Any
 from celery import shared_task
 from django.utils import timezone
 
-from campaigns import delivery, processing, warmup
+from campaigns import broadcasts, delivery, processing, warmup
 from campaigns.models import Message, OutboxEvent
 from mailauto.lib import nudge
 
@@ -75,3 +75,15 @@ def sweep_outbox() -> None:
 def sweep_warmup() -> int:
     """Beat, daily: move each warm-up schedule one step on, or hold it (campaigns/warmup.py)."""
     return len(warmup.warmup_advance_all())
+
+
+@shared_task(ignore_result=True)
+def sweep_broadcasts() -> int:
+    """Beat, every few seconds, and nudged when a broadcast starts or resumes: start due
+    broadcasts, turn audiences into messages, mark finished ones sent
+    (campaigns/broadcasts.py)."""
+    result = broadcasts.broadcasts_sweep(budget_seconds=TASK_TIME_BUDGET_SECONDS)
+    nudge.settle("broadcasts")
+    if result.more:
+        sweep_broadcasts.apply_async()  # more audience left: continue in a fresh task
+    return result.messages

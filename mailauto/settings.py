@@ -322,6 +322,13 @@ CELERY_BEAT_SCHEDULE = {
         "task": "campaigns.tasks.sweep_outbox",
         "schedule": float(MAILAUTO["SWEEP_INTERVAL_SECONDS"]),
     },
+    "sweep-broadcasts": {
+        # Starts scheduled broadcasts (so within this interval of their time) and
+        # continues any audience a lost nudge or a killed worker left half-materialised.
+        "task": "campaigns.tasks.sweep_broadcasts",
+        "schedule": float(MAILAUTO["SWEEP_INTERVAL_SECONDS"]),
+        "options": {"expires": float(MAILAUTO["SWEEP_INTERVAL_SECONDS"])},
+    },
     "suppression-mirror-sync": {
         "task": "suppression.tasks.suppression_mirror_sync",
         "schedule": float(MAILAUTO["SUPPRESSION_SYNC_INTERVAL_SECONDS"]),

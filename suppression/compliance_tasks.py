@@ -13,5 +13,5 @@ from suppression import reputation
 
 @shared_task(ignore_result=True)
 def reputation_check() -> int:
-    """Beat, every few minutes: pause automations over the bounce/complaint limits."""
+    """Beat, every few minutes: pause automations and broadcasts over the bounce/complaint limits."""
     return len(reputation.reputation_check())

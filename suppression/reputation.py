@@ -1,5 +1,5 @@
 """The reputation guard: bounce and complaint rates per sending source (automations
-today, broadcasts later), and the automatic pause of a source whose rates would hurt the
+and broadcasts), and the automatic pause of a source whose rates would hurt the
 sender's reputation.
 
 A rate is bounced (or complained) messages over messages handed to the ESP (statuses
@@ -15,8 +15,8 @@ Tools below 0.10% and never to reach 0.30%; REPUTATION_COMPLAINT_RATE defaults t
 REPUTATION_MIN_VOLUME messages to the ESP in that window: below that volume one
 complaint would swing the rate, and it would pause small automations at random.
 
-Broadcasts plug in as one more ReputationSource (their Message foreign key, their name
-field and a conditional pause), added to SOURCES when the Broadcast model exists.
+Each kind of source is one ReputationSource (its Message foreign key, its name field
+and a conditional pause); broadcasts pause from sending to paused, with the reason.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from django.db.models import Count, Q
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from campaigns.models import Automation, Message
+from campaigns.broadcasts import broadcast_pause_if_sending
+from campaigns.models import Automation, Broadcast, Message
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ GMAIL_COMPLAINT_LIMIT = 0.003
 
 @dataclass(frozen=True)
 class ReputationFigures:
-    kind: str  # "automation" (later "broadcast")
+    kind: str  # "automation" or "broadcast"
     source_id: int
     name: str
     handed_over: int
@@ -90,9 +91,20 @@ def _automation_pause(automation_id: int, reason: str, now: datetime) -> bool:
     )
 
 
+def _broadcast_pause(broadcast_id: int, reason: str, now: datetime) -> bool:
+    # Same conditional UPDATE (sending → paused): a broadcast paused by a person, or
+    # already sent or cancelled, is left as it is.
+    return broadcast_pause_if_sending(
+        broadcast_id=broadcast_id, reason=reason, by=Broadcast.PAUSED_BY_GUARD, now=now
+    )
+
+
 SOURCES: tuple[ReputationSource, ...] = (
     ReputationSource(
         kind="automation", group_field="automation_id", name_field="automation__name", pause=_automation_pause
+    ),
+    ReputationSource(
+        kind="broadcast", group_field="broadcast_id", name_field="broadcast__name", pause=_broadcast_pause
     ),
 )
 

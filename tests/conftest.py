@@ -33,7 +33,7 @@ def _no_pending_nudges() -> None:
     one test must not swallow the nudge another test expects."""
     from django.core.cache import cache
 
-    cache.delete_many(["mailauto:nudge:events", "mailauto:nudge:sends"])
+    cache.delete_many(["mailauto:nudge:events", "mailauto:nudge:sends", "mailauto:nudge:broadcasts"])
 
 
 @pytest.fixture(autouse=True)

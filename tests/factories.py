@@ -81,3 +81,14 @@ def message(
     return Message.objects.create(
         template_version=version, contact=to_contact, to_email=to_contact.email, event=event, **kw
     )
+
+
+# Appended with broadcasts (factories are only ever appended to).
+from campaigns.models import Broadcast  # noqa: E402
+
+
+def broadcast(version: TemplateVersion | None = None, **kw: Any) -> Broadcast:
+    """A draft broadcast of `version`'s template (a fresh published one by default)."""
+    version = version or published_version(subject="News for {{ contact.first_name|default:'you' }}")
+    kw.setdefault("name", f"broadcast-{next(_seq)}")
+    return Broadcast.objects.create(template=version.template, **kw)

@@ -52,6 +52,7 @@ BEFORE_SENT: tuple[str, ...] = (
     Status.DEAD,
     Status.FAILED,
     Status.SUPPRESSED,
+    Status.CANCELLED,  # a cancelled resend-after-unknown whose first attempt did arrive
 )
 # Then the timeline, in order: a webhook moves a message to a later status, never to an
 # earlier one. The refusals outrank every engagement state (a complaint after an open is

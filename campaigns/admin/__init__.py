@@ -1,9 +1,11 @@
 """The marketer's admin for campaigns, one module per domain; importing them here is what
 registers them (Django's autodiscovery imports campaigns.admin). Writes to versions, API
-sources and automation activation go through campaigns.services; events and messages are
-read-only here, and their actions only re-queue work (the workers do it after commit)."""
+sources and automation activation go through campaigns.services, broadcasts' state changes
+through campaigns.broadcasts; events and messages are read-only here, and their actions
+only re-queue work (the workers do it after commit)."""
 
 from campaigns.admin.automations import AutomationAdmin, AutomationForm, SeedListAdmin, SeedListForm
+from campaigns.admin.broadcasts import BroadcastAdmin, BroadcastForm
 from campaigns.admin.common import ExactSearchMixin
 from campaigns.admin.contacts import ContactAdmin
 from campaigns.admin.delivery import WarmupScheduleAdmin
@@ -20,6 +22,8 @@ __all__ = [
     "ApiSourceAdmin",
     "AutomationAdmin",
     "AutomationForm",
+    "BroadcastAdmin",
+    "BroadcastForm",
     "ContactAdmin",
     "EmailTemplateAdmin",
     "EventTypeAdmin",

@@ -14,7 +14,7 @@ from campaigns.models import Message
 
 _MESSAGE_FIELDS: dict[str | None, tuple[str, ...]] = {
     None: ("to_email", "status", "status_reason", "subject", "purpose", "transactional"),
-    "Origin": ("event", "automation", "contact", "template_version", "idempotency_key"),
+    "Origin": ("event", "automation", "broadcast", "contact", "template_version", "idempotency_key"),
     "Delivery": (
         "attempts",
         "send_after",
@@ -44,11 +44,11 @@ class MessageAdmin(ExactSearchMixin, admin.ModelAdmin):
         "esp_message_id",
         "sent_at",
     ]
-    list_filter = ["status", "automation", "purpose", "transactional"]
+    list_filter = ["status", "automation", "broadcast", "purpose", "transactional"]
     list_select_related = ["automation", "template_version__template"]
     exact_search_fields = ("to_email", "esp_message_id", "idempotency_key")
     search_help_text = "Exact recipient address, ESP message id or idempotency key."
-    raw_id_fields = ["event", "automation", "contact", "template_version"]
+    raw_id_fields = ["event", "automation", "broadcast", "contact", "template_version"]
     show_full_result_count = False
     actions = ["replay_messages"]
     fieldsets = [(title, {"fields": names}) for title, names in _MESSAGE_FIELDS.items()]

@@ -1,5 +1,6 @@
 """Campaigns' models, one module per domain, re-exported here."""
 
+from campaigns.models.broadcast import Broadcast
 from campaigns.models.core import (
     EVENT_TYPE_NAME,
     ApiSource,
@@ -18,6 +19,7 @@ __all__ = [
     "EVENT_TYPE_NAME",
     "ApiSource",
     "Automation",
+    "Broadcast",
     "Contact",
     "EmailTemplate",
     "EventType",

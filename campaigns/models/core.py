@@ -300,6 +300,7 @@ class Message(models.Model):
         SUPPRESSED = "suppressed", "not sent: suppressed"
         FAILED = "failed", "failed permanently"
         DEAD = "dead", "dead (retries exhausted)"
+        CANCELLED = "cancelled", "not sent: cancelled"
 
     # States a worker may still act on; everything else is final until a person acts.
     IN_PROGRESS = (Status.QUEUED, Status.CLAIMED, Status.SENDING, Status.UNKNOWN)
@@ -310,6 +311,14 @@ class Message(models.Model):
     )
     automation = models.ForeignKey(
         Automation, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages"
+    )
+    broadcast = models.ForeignKey(
+        "campaigns.Broadcast",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="messages",
+        db_index=False,  # see message_broadcast_status
     )
     contact = models.ForeignKey(
         Contact, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages"
@@ -353,6 +362,14 @@ class Message(models.Model):
             models.Index(fields=["status", "-id"], name="message_status"),
             models.Index(fields=["to_email"], name="message_to_email"),
             models.Index(fields=["sent_at"], name="message_sent_at"),
+            # Instead of the FK's own index: serves the FK, a broadcast's counts by
+            # status and its "anything still in progress?" check; automation mail
+            # (broadcast null) is not in it.
+            models.Index(
+                fields=["broadcast", "status"],
+                name="message_broadcast_status",
+                condition=Q(broadcast__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:

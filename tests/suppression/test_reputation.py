@@ -219,3 +219,90 @@ class PauseTests(ReputationTestCase):
             call_command("reputation_check", "--report", stdout=out)
         self.assertIn("paused automation 'Digest': bounce rate 10.00%", out.getvalue())
         self.assertIn("a:Welcome", out.getvalue())
+
+
+# --- broadcasts ---------------------------------------------------------------------------
+
+
+class BroadcastPauseTests(ReputationTestCase):
+    @classmethod
+    def setUpTestData(cls) -> None:
+        super().setUpTestData()
+        from campaigns.models import Broadcast
+
+        cls.june = factories.broadcast(
+            cls.version,
+            name="June news",
+            status=Broadcast.Status.SENDING,
+            template_version=cls.version,
+            started_at=NOW - timedelta(hours=2),
+        )
+
+    def send_broadcast(self, count: int, status: str = Message.Status.DELIVERED, **kw: object) -> None:
+        Message.objects.bulk_create(
+            Message(
+                idempotency_key=f"rep-{next(_keys)}",
+                broadcast=self.june,
+                to_email=f"b{n}@example.com",
+                template_version=self.version,
+                purpose="marketing",
+                status=status,
+                sent_at=NOW - timedelta(hours=1) if status != Message.Status.QUEUED else None,
+                **kw,
+            )
+            for n in range(count)
+        )
+
+    def test_a_broadcast_over_the_complaint_limit_is_paused_and_says_why(self) -> None:
+        from campaigns.delivery import claimable_messages_q
+        from campaigns.models import Broadcast
+
+        self.send_broadcast(995)
+        self.send_broadcast(5, Message.Status.COMPLAINED)  # 0.50%
+        self.send_broadcast(10, Message.Status.QUEUED, send_after=NOW - timedelta(minutes=1))
+        self.send(self.welcome, 100)  # the automation is fine
+
+        with limits():
+            (paused,) = reputation_check()
+
+        self.assertEqual((paused.figures.kind, paused.figures.name), ("broadcast", "June news"))
+        self.june.refresh_from_db()
+        self.assertEqual(self.june.status, Broadcast.Status.PAUSED)
+        self.assertEqual((self.june.paused_by, self.june.paused_at), ("reputation guard", NOW))
+        self.assertEqual(
+            self.june.paused_reason, "complaint rate 0.50% over the last 24 h exceeds 0.30% (Gmail's limit)"
+        )
+        # Its queued mail waits.
+        self.assertFalse(Message.objects.filter(claimable_messages_q(NOW), broadcast=self.june).exists())
+        self.welcome.refresh_from_db()
+        self.assertTrue(self.welcome.active)
+
+    def test_a_broadcast_has_its_own_figures_and_report_rows(self) -> None:
+        self.send_broadcast(48)
+        self.send_broadcast(2, Message.Status.BOUNCED)
+        self.send(self.welcome, 10, Message.Status.BOUNCED)
+
+        source = next(s for s in SOURCES if s.kind == "broadcast")
+        (figures,) = source_figures(source=source, since=NOW - timedelta(hours=24), until=NOW)
+
+        self.assertEqual((figures.source_id, figures.handed_over, figures.bounced), (self.june.pk, 50, 2))
+        self.assertIn(
+            ("broadcast", "June news", 50, 2),
+            [(f.kind, f.name, f.handed_over, f.bounced) for f in reputation_report()],
+        )
+
+    def test_a_broadcast_paused_by_a_person_or_already_sent_is_left_as_it_is(self) -> None:
+        from campaigns.broadcasts import broadcast_pause
+        from campaigns.models import Broadcast
+
+        self.send_broadcast(90)
+        self.send_broadcast(10, Message.Status.COMPLAINED)
+        broadcast_pause(broadcast=self.june, actor="admin:root", reason="checking the list")
+        with limits():
+            self.assertEqual(reputation_check(), [])
+        self.june.refresh_from_db()
+        self.assertEqual((self.june.paused_by, self.june.paused_reason), ("admin:root", "checking the list"))
+
+        Broadcast.objects.filter(pk=self.june.pk).update(status=Broadcast.Status.SENT)
+        with limits():
+            self.assertEqual(reputation_check(), [])

@@ -10,7 +10,7 @@ from suppression.reputation import reputation_check, reputation_report
 
 
 class Command(BaseCommand):
-    help = "Pause automations over the bounce/complaint limits; --report prints daily figures."
+    help = "Pause automations and broadcasts over the bounce/complaint limits; --report prints daily figures."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--report", action="store_true", help="Also print per-day figures.")
