@@ -25,7 +25,7 @@ from django.utils.dateparse import parse_datetime
 from campaigns.exceptions import InvalidContact, InvalidEvent, InvalidInput
 from campaigns.models import Contact, EventType, OutboxEvent
 from campaigns.schemas import PayloadError, validate_payload
-from mailauto.lib.nudge import nudge
+from mailauto.lib.nudge import nudge_soon
 
 logger = logging.getLogger(__name__)
 
@@ -440,4 +440,5 @@ def nudge_event_workers() -> None:
     # to be importable.
     from campaigns.tasks import events_process
 
-    nudge(events_process, kind="events")
+    # From a background thread: the caller does not wait for Redis (mailauto/lib/nudge.py).
+    nudge_soon(events_process, kind="events")

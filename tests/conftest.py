@@ -33,6 +33,9 @@ def _no_pending_nudges() -> None:
     one test must not swallow the nudge another test expects."""
     from django.core.cache import cache
 
+    from mailauto.lib import nudge
+
+    nudge.flush_pending()  # a previous test's deferred nudge must not land mid-test
     cache.delete_many(["mailauto:nudge:events", "mailauto:nudge:sends", "mailauto:nudge:broadcasts"])
 
 

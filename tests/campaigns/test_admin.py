@@ -27,6 +27,7 @@ from campaigns.models import (
     SeedList,
     TemplateVersion,
 )
+from mailauto.lib import nudge
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 SCHEMA = {
@@ -269,6 +270,7 @@ class OutboxEventAdminTests(AdminTestCase):
             self.assertFalse(apply_async.called)  # nothing is enqueued before commit
             self.assertEqual(len(callbacks), 1)
             callbacks[0]()
+            nudge.flush_pending()  # sent from a background thread; wait for it
 
         apply_async.assert_called_once_with(retry=False)
         self.assertEqual(response.status_code, 302)

@@ -10,6 +10,7 @@ from django.test import TestCase, override_settings
 
 from campaigns.models import OutboxEvent
 from campaigns.services import api_source_create
+from mailauto.lib import nudge
 from tests import factories
 
 
@@ -24,6 +25,7 @@ class EventsApiTests(TestCase):
         patcher = mock.patch("campaigns.tasks.events_process.apply_async")
         self.nudge = patcher.start()
         self.addCleanup(patcher.stop)
+        self.addCleanup(nudge.flush_pending)  # runs first: deferred nudges reach the mock
 
     def post(self, body: object, token: str | None = None, content_type: str = "application/json"):  # type: ignore[no-untyped-def]
         headers = {"Authorization": f"Bearer {token or self.token}"}
@@ -38,6 +40,7 @@ class EventsApiTests(TestCase):
         self.assertEqual(response.status_code, 202)
         event = OutboxEvent.objects.get(event_id=response.json()["event_id"])
         self.assertEqual(event.source, "billing")
+        nudge.flush_pending()
         self.nudge.assert_called_once()
 
     def test_a_list_of_events_is_accepted(self) -> None:

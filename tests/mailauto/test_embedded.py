@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
@@ -42,6 +41,13 @@ print(json.dumps({
             "aware": row.occurred_at.tzinfo is not None, "history": row.error_history,
             "attempts": row.attempts},
 }))
+# The last thing this process does: emit with no nudge pending. The nudge is sent from a
+# background thread, or at exit if that thread has not run yet; either way it arrives.
+from mailauto.lib import nudge
+nudge.flush_pending()  # the first nudge is out; then clear its marker as a worker would
+nudge.settle("events")
+with transaction.atomic():
+    campaigns.emit("user.signed_up", "u-last", {"plan": "x"})
 """
 
 
@@ -62,6 +68,9 @@ def test_emit_on_the_embedded_sqlite_defaults(tmp_path: Path) -> None:
     # MAILAUTO_VAR_DIR, not in the working directory (its default is ./control).
     assert (tmp_path / "broker" / "control").is_dir()
     assert not (tmp_path / "control").exists()
+    # Two "look now" nudges: the first transaction's, and the last one's, sent although
+    # the process exited right after its commit.
+    assert len(list((tmp_path / "broker" / "queue").iterdir())) == 2
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["first"] == result["again"] == "e-1"
     assert result["many"] == 1500

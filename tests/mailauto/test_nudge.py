@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 from unittest import mock
 
 from django.core.cache import cache
@@ -48,3 +53,85 @@ class NudgeTests(SimpleTestCase):
         self.assertEqual(len(calls), 5)
         self.assertEqual(settle.call_count, 2)
         again.apply_async.assert_not_called()
+
+
+class NudgeSoonTests(SimpleTestCase):
+    """nudge_soon(): the same nudge, from a background thread of the process."""
+
+    def setUp(self) -> None:
+        nudge.flush_pending()
+        cache.delete("mailauto:nudge:test")
+        self.addCleanup(cache.delete, "mailauto:nudge:test")
+
+    def test_the_caller_does_not_wait_for_the_publish(self) -> None:
+        release = threading.Event()
+        task = mock.Mock()
+        task.apply_async.side_effect = lambda **kwargs: release.wait(10)
+        done = threading.Event()
+
+        def caller() -> None:
+            nudge.nudge_soon(task, kind="test")
+            done.set()
+
+        threading.Thread(target=caller).start()
+        self.assertTrue(done.wait(5))  # returned while the publish is still blocked
+        release.set()
+        nudge.flush_pending()
+        task.apply_async.assert_called_once_with(retry=False)
+
+    def test_flush_sends_what_is_pending_and_keeps_the_marker_protocol(self) -> None:
+        task = mock.Mock()
+        for _ in range(50):
+            nudge.nudge_soon(task, kind="test")
+        nudge.flush_pending()
+        self.assertEqual(task.apply_async.call_count, 1)  # one pending nudge per kind
+        nudge.settle("test")
+        nudge.nudge_soon(task, kind="test")
+        nudge.flush_pending()
+        self.assertEqual(task.apply_async.call_count, 2)
+
+    def test_a_forked_child_nudges_from_its_own_thread(self) -> None:
+        # Celery's prefork pool and WSGI servers fork after import; a child has none of
+        # its parent's threads and must start its own.
+        nudge.nudge_soon(mock.Mock(), kind="test")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return into the test runner
+            code = 1
+            try:
+                called = threading.Event()
+                task = mock.Mock()
+                task.apply_async.side_effect = lambda **kwargs: called.set()
+                cache.delete("mailauto:nudge:test")
+                nudge.nudge_soon(task, kind="test")
+                code = 0 if called.wait(5) else 2
+            finally:
+                os.write(write_end, bytes([code]))
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        self.assertEqual(os.read(read_end, 1), b"\x00")
+        os.close(read_end)
+
+
+def test_a_deferred_nudge_is_sent_at_exit_if_the_thread_never_ran(tmp_path: Path) -> None:
+    # A management command emits and exits at once; its nudge must not die with it.
+    sent = tmp_path / "sent"
+    script = f"""
+import django
+from django.conf import settings
+settings.configure(CACHES={{"default": {{"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}}})
+django.setup()
+from mailauto.lib import nudge
+nudge._Deferred._run = lambda self: None  # the background thread never gets to it
+
+class Task:
+    def apply_async(self, **options):
+        open({str(sent)!r}, "w").write(repr(options))
+
+nudge.nudge_soon(Task(), kind="exit")
+"""
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    subprocess.run([sys.executable, "-c", script], cwd=root, env=env, check=True, timeout=120)
+    assert sent.read_text() == "{'retry': False}"
