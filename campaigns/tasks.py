@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 from django.utils import timezone
 
 from campaigns import broadcasts, delivery, processing, warmup
@@ -22,37 +23,56 @@ from mailauto.lib import nudge
 TASK_TIME_BUDGET_SECONDS = 20.0
 
 
-def _drain(kind: str, run_batch: Callable[[], int], again: Any) -> int:
+def _drain(
+    kind: str, run_batch: Callable[[], tuple[int, bool]], again: Any, *, slot: int, drains: int
+) -> int:
     """Run batches until there is no work or the time budget is spent.
 
-    When a batch finds nothing, clear the nudge marker and look once more (see
+    While batches find work the task holds its slot's nudge marker, so emitters add no
+    duplicate task behind it; a full batch recruits another task, up to `drains` of this
+    kind. When a batch finds nothing, clear the marker and look once more (see
     mailauto/lib/nudge.py for why that closes the race with concurrent emitters).
     """
     started = time.monotonic()
     handled = 0
     settled = False
     while time.monotonic() - started < TASK_TIME_BUDGET_SECONDS:
-        claimed = run_batch()
+        claimed, full = run_batch()
         handled += claimed
         if claimed:
             settled = False
+            nudge.hold(kind, slot)
+            if full and drains > 1:
+                nudge.nudge(again, kind=kind, slots=drains)
             continue
         if settled:
             return handled
-        nudge.settle(kind)
+        nudge.settle(kind, slot)
         settled = True
-    again.apply_async()  # more work left: continue in a fresh task
+    again.apply_async(kwargs={"slot": slot})  # more work left: continue in a fresh task
     return handled
 
 
-@shared_task(ignore_result=True)
-def events_process() -> int:
-    return _drain("events", lambda: processing.events_process_batch().claimed, events_process)
+def _events_batch() -> tuple[int, bool]:
+    claimed = processing.events_process_batch().claimed
+    return claimed, claimed >= settings.MAILAUTO["EVENT_BATCH_SIZE"]
+
+
+def _sends_batch() -> tuple[int, bool]:
+    claimed = delivery.messages_send_batch().claimed
+    return claimed, claimed >= settings.MAILAUTO["SEND_BATCH_SIZE"]
 
 
 @shared_task(ignore_result=True)
-def messages_send() -> int:
-    return _drain("sends", lambda: delivery.messages_send_batch().claimed, messages_send)
+def events_process(slot: int = 0) -> int:
+    return _drain(
+        "events", _events_batch, events_process, slot=slot, drains=settings.MAILAUTO["EVENT_DRAINS"]
+    )
+
+
+@shared_task(ignore_result=True)
+def messages_send(slot: int = 0) -> int:
+    return _drain("sends", _sends_batch, messages_send, slot=slot, drains=settings.MAILAUTO["SEND_DRAINS"])
 
 
 @shared_task(ignore_result=True)
@@ -65,10 +85,12 @@ def sweep_outbox() -> None:
     delivery.messages_bury_poison()
     due_events = OutboxEvent.objects.filter(processing.claimable_events_q(now))
     due_messages = Message.objects.filter(delivery.claimable_messages_q(now))
+    # Through the markers like any nudge: a drain under way holds them, and one that
+    # died lets go within HOLD_TTL_SECONDS.
     if due_events.exists():
-        events_process.apply_async()
+        nudge.nudge(events_process, kind="events")
     if due_messages.exists():
-        messages_send.apply_async()
+        nudge.nudge(messages_send, kind="sends")
 
 
 @shared_task(ignore_result=True)

@@ -36,7 +36,8 @@ def _no_pending_nudges() -> None:
     from mailauto.lib import nudge
 
     nudge.flush_pending()  # a previous test's deferred nudge must not land mid-test
-    cache.delete_many(["mailauto:nudge:events", "mailauto:nudge:sends", "mailauto:nudge:broadcasts"])
+    kinds = ["events", "sends", "broadcasts"]
+    cache.delete_many([f"mailauto:nudge:{kind}{slot}" for kind in kinds for slot in ("", ":1", ":2", ":3")])
 
 
 @pytest.fixture(autouse=True)

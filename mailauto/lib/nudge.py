@@ -1,4 +1,4 @@
-"""Debounced "look now" nudges: at most one pending nudge per kind of work.
+"""Debounced "look now" nudges: a bounded number of tasks per kind of work.
 
 A spike of 100,000 emits, each in its own transaction, must not put 100,000 task
 messages in the broker. An emitter publishes only if it can set a shared marker; the
@@ -9,8 +9,13 @@ committed around that moment is never left waiting for the sweeper:
   marker, so the task's final look (after clearing) sees the row;
 - an emitter that finds the marker clear publishes a fresh nudge.
 
-The marker has a TTL so that a task that dies holding it delays work by at most that
-long (and the beat sweeper nudges regardless).
+A task that keeps finding work holds its marker (`hold`, HOLD_TTL_SECONDS) after every
+batch, so a long drain never looks like a lost nudge and draws no duplicate task; a
+batch that comes back full recruits helpers on further marker slots, up to
+MAILAUTO_EVENT_DRAINS / MAILAUTO_SEND_DRAINS tasks of a kind. The markers have TTLs, so
+a task that dies holding one delays work by at most HOLD_TTL_SECONDS; the beat sweeper
+nudges through the same markers. Measured with bench/spike.py: a 100,000-event spike
+grew the events/sends queues to 16 and 36 tasks before holds, 3 and 2 after.
 """
 
 from __future__ import annotations
@@ -27,37 +32,59 @@ from django.core.cache import cache
 logger = logging.getLogger(__name__)
 
 MARKER_TTL_SECONDS = 10
+# A draining task re-sets its marker after every batch that found work, for this long:
+# longer than a task's time budget plus its continuation's wait in the queue, so a
+# drain still under way never looks like a lost nudge and draws no duplicate.
+HOLD_TTL_SECONDS = 60
 # nudge_soon(): a process looks at the marker at most this often per kind.
 COALESCE_SECONDS = 0.01
 
 
-def _key(kind: str) -> str:
-    return f"mailauto:nudge:{kind}"
+def _key(kind: str, slot: int = 0) -> str:
+    return f"mailauto:nudge:{kind}" if slot == 0 else f"mailauto:nudge:{kind}:{slot}"
 
 
-def nudge(task: Any, *, kind: str) -> None:
-    """Publish `task` unless a nudge of this kind is already pending. Never raises."""
-    try:
-        if not cache.add(_key(kind), 1, timeout=MARKER_TTL_SECONDS):
-            return
-    except Exception:
-        logger.debug("nudge marker unavailable; publishing anyway", exc_info=True)
-    try:
-        # retry=False: with the broker down the caller must not block on publish
-        # retries; the row is the truth and the beat sweeper will find it.
-        task.apply_async(retry=False)
-    except Exception:
-        logger.warning("could not nudge the %s workers; the sweeper will", kind, exc_info=True)
+def nudge(task: Any, *, kind: str, slots: int = 1) -> None:
+    """Publish `task` for the first free one of `slots` markers of this kind; nothing if
+    every one is taken (that many tasks are pending or draining). Never raises.
+
+    Emitters use one slot; a draining task that keeps finding full batches recruits
+    helpers with slots > 1, so at most `slots` tasks of a kind exist at once."""
+    for slot in range(slots):
         try:
-            cache.delete(_key(kind))
+            if not cache.add(_key(kind, slot), 1, timeout=MARKER_TTL_SECONDS):
+                continue
         except Exception:
-            logger.debug("could not clear the nudge marker", exc_info=True)
+            logger.debug("nudge marker unavailable; publishing anyway", exc_info=True)
+        try:
+            # retry=False: with the broker down the caller must not block on publish
+            # retries; the row is the truth and the beat sweeper will find it.
+            if slot:
+                task.apply_async(kwargs={"slot": slot}, retry=False)
+            else:
+                task.apply_async(retry=False)
+        except Exception:
+            logger.warning("could not nudge the %s workers; the sweeper will", kind, exc_info=True)
+            try:
+                cache.delete(_key(kind, slot))
+            except Exception:
+                logger.debug("could not clear the nudge marker", exc_info=True)
+        return
 
 
-def settle(kind: str) -> None:
+def hold(kind: str, slot: int = 0) -> None:
+    """Called by a task after a batch that found work: it will look again (or hand over
+    to its continuation), so it is the pending nudge of its slot."""
+    try:
+        cache.set(_key(kind, slot), 1, timeout=HOLD_TTL_SECONDS)
+    except Exception:
+        logger.debug("could not hold the nudge marker", exc_info=True)
+
+
+def settle(kind: str, slot: int = 0) -> None:
     """Called by a task that found no work, right before it looks one last time."""
     try:
-        cache.delete(_key(kind))
+        cache.delete(_key(kind, slot))
     except Exception:
         logger.debug("could not clear the nudge marker", exc_info=True)
 
@@ -127,7 +154,20 @@ class _Deferred:
                 logger.exception("deferred nudge failed")
             time.sleep(COALESCE_SECONDS)
 
+    # No fork while the thread is inside a nudge: it holds locks there (asgiref's lock
+    # around Django's cache handler, redis-py's and kombu's pool locks) that a child
+    # would inherit held by a thread it does not have, and block on forever.
+    def _before_fork(self) -> None:
+        self._sending.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._sending.release()
+
 
 _deferred = _Deferred()
-os.register_at_fork(after_in_child=_deferred._reset)
+os.register_at_fork(
+    before=_deferred._before_fork,
+    after_in_parent=_deferred._after_fork_in_parent,
+    after_in_child=_deferred._reset,
+)
 atexit.register(flush_pending)
