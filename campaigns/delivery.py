@@ -184,14 +184,16 @@ def claimable_messages_q(now) -> Q:  # type: ignore[no-untyped-def]
     """Due queued messages, and claimed ones whose worker died before handing them to
     the ESP (CLAIMED is before the HTTP request, so retaking them is safe).
 
-    Messages of a paused or deactivated automation, or of a broadcast that is not
-    sending (paused, cancelled), wait, queued, until it is active again: a pause (by a
-    marketer, or by the reputation guard) stops its mail at once.
+    Messages of a paused or deactivated automation, or of a broadcast that is paused or
+    cancelled (not in Broadcast.MAY_SEND), wait until it is active again, whether queued
+    or claimed by a worker that died: a pause (by a marketer, or by the reputation
+    guard) stops its mail at once. A finished (sent) broadcast's replayed mail may go.
     """
     not_paused = Q(automation__isnull=True) | Q(automation__active=True)
-    not_paused &= Q(broadcast__isnull=True) | Q(broadcast__status=Broadcast.Status.SENDING)
-    return Q(not_paused, status=Message.Status.QUEUED, send_after__lte=now) | Q(
-        status=Message.Status.CLAIMED, locked_until__lt=now, claims__lt=_max_claims()
+    not_paused &= Q(broadcast__isnull=True) | Q(broadcast__status__in=Broadcast.MAY_SEND)
+    return Q(not_paused) & (
+        Q(status=Message.Status.QUEUED, send_after__lte=now)
+        | Q(status=Message.Status.CLAIMED, locked_until__lt=now, claims__lt=_max_claims())
     )
 
 
@@ -470,8 +472,10 @@ def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgo
 
     The same statement refuses addresses suppressed by then ("suppression wins": a
     suppression committed before this UPDATE stops the send, with no check-then-act
-    gap). From here on, a crash leaves messages SENDING, which the sweeper turns into
-    UNKNOWN rather than resending blindly.
+    gap), and messages of a broadcast paused or cancelled by then (not in
+    Broadcast.MAY_SEND): those go back to the queue as they were, to be sent on resume
+    or cancelled by the sweeper. From here on, a crash leaves messages SENDING, which
+    the sweeper turns into UNKNOWN rather than resending blindly.
     """
     if not outgoing:
         return []
@@ -482,9 +486,10 @@ def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgo
         if ids:
             # A fresh lease: a long batch (rate-limit waits, per-message ESPs) must not
             # see its in-flight messages expired into UNKNOWN by the sweeper.
-            Message.objects.filter(pk__in=ids, status=Message.Status.CLAIMED).exclude(
-                Exists(_blocking_suppressions(transactional))
-            ).update(
+            Message.objects.filter(pk__in=ids, status=Message.Status.CLAIMED).filter(
+                Q(broadcast_id__isnull=True)
+                | Exists(Broadcast.objects.filter(pk=OuterRef("broadcast_id"), status__in=Broadcast.MAY_SEND))
+            ).exclude(Exists(_blocking_suppressions(transactional))).update(
                 status=Message.Status.SENDING, attempts=F("attempts") + 1, updated_at=now, locked_until=lease
             )
     handed = set(
@@ -493,6 +498,7 @@ def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgo
         ).values_list("pk", flat=True)
     )
     kept = []
+    give_back: dict[datetime | None, list[int]] = {}
     for item in outgoing:
         message = item.message
         if message.pk in handed:
@@ -514,7 +520,16 @@ def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgo
                 from_status=Message.Status.CLAIMED,
             )
             result.count("suppressed")
-        # else: our lease expired and another worker holds it now; not ours to send.
+            continue
+        # Its broadcast was paused or cancelled since the claim, or our lease expired
+        # and another worker holds it now (not ours to send, nor to touch).
+        give_back.setdefault(message.locked_until, []).append(message.pk)
+    for claim_lease, pks in give_back.items():
+        # Still our claim (the lease we took): back to the queue untouched, like
+        # _requeue but without a new send_after or reason; no attempt was made.
+        Message.objects.filter(pk__in=pks, status=Message.Status.CLAIMED, locked_until=claim_lease).update(
+            status=Message.Status.QUEUED, locked_until=None, updated_at=now
+        )
     return kept
 
 

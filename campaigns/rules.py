@@ -2,7 +2,8 @@
 
 This module owns the format (validate_rule), its meaning (evaluate), and the two views of a
 rule the rest of the system needs (rule_fields, describe_rule). Rules are interpreted here,
-never compiled to Python or passed to eval.
+never compiled to Python or passed to eval. A broadcast's audience is a rule too, over
+contact fields only (audience_validate).
 
 Format, in short (README "The rule language" has the full semantics)::
 
@@ -454,3 +455,48 @@ def _describe_operand(node: dict[str, Any]) -> str:
     # Parenthesise nested and/or so that precedence never has to be remembered.
     text = _describe(node)
     return f"({text})" if ("and" in node or "or" in node) else text
+
+
+# --------------------------------------------------------------------------- broadcast audiences
+
+AUDIENCE_LOCATION = "audience"
+
+
+class AudienceError(RuleError):
+    """A broadcast's audience rule is not valid; `location` says where ("audience.and[1]")."""
+
+
+def audience_validate(audience: object) -> None:
+    """Raise AudienceError naming the first defect: the rule language's own checks, and
+    fields outside `contact.` (a broadcast has no event, so payload./event. fields would
+    silently never match)."""
+    try:
+        validate_rule(audience)
+    except RuleError as err:
+        raise AudienceError(
+            AUDIENCE_LOCATION + err.location.removeprefix(ROOT_LOCATION), err.problem
+        ) from err
+    for location, path in _fields_with_locations(audience, AUDIENCE_LOCATION):
+        if not path.startswith("contact."):
+            root = path.partition(".")[0]
+            raise AudienceError(
+                f"{location}.field",
+                f"{path!r}: an audience can only use contact fields (contact.<attribute>, "
+                f"contact.email, contact.user_id); a broadcast has no {root}",
+            )
+
+
+def _fields_with_locations(node: object, location: str) -> list[tuple[str, str]]:
+    # Only called on a validated rule.
+    if not isinstance(node, dict) or not node:
+        return []
+    for kind in ("and", "or"):
+        if kind in node:
+            return [
+                found
+                for index, child in enumerate(node[kind])
+                for found in _fields_with_locations(child, f"{location}.{kind}[{index}]")
+            ]
+    if "not" in node:
+        return _fields_with_locations(node["not"], f"{location}.not")
+    return [(location, node["field"])]

@@ -103,7 +103,7 @@ def sweep_warmup() -> int:
 def sweep_broadcasts() -> int:
     """Beat, every few seconds, and nudged when a broadcast starts or resumes: start due
     broadcasts, turn audiences into messages, mark finished ones sent
-    (campaigns/broadcasts.py)."""
+    (campaigns/broadcasts/)."""
     result = broadcasts.broadcasts_sweep(budget_seconds=TASK_TIME_BUDGET_SECONDS)
     nudge.settle("broadcasts")
     if result.more:

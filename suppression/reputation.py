@@ -15,6 +15,11 @@ Tools below 0.10% and never to reach 0.30%; REPUTATION_COMPLAINT_RATE defaults t
 REPUTATION_MIN_VOLUME messages to the ESP in that window: below that volume one
 complaint would swing the rate, and it would pause small automations at random.
 
+A source a person resumed is judged on the mail it handed over since the resume: the
+window still holds the bounces or complaints that paused it, and counting them again
+would pause it again at once, before the fix could show. Broadcasts record resumed_at;
+automations do not yet, so a reactivated automation is judged on the whole window.
+
 Each kind of source is one ReputationSource (its Message foreign key, its name field
 and a conditional pause); broadcasts pause from sending to paused, with the reason.
 """
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Count, Q
+from django.db.models import Count, F, Q
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
@@ -73,6 +78,9 @@ class ReputationSource:
     group_field: str  # the Message foreign key naming the source, e.g. "automation_id"
     name_field: str  # e.g. "automation__name"
     pause: Callable[[int, str, datetime], bool]  # (id, reason, now) -> paused now?
+    # When a person last resumed the source (e.g. "broadcast__resumed_at"); the pause
+    # decision counts only mail handed over since then. None: the source has no such field.
+    resumed_field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,22 +112,34 @@ SOURCES: tuple[ReputationSource, ...] = (
         kind="automation", group_field="automation_id", name_field="automation__name", pause=_automation_pause
     ),
     ReputationSource(
-        kind="broadcast", group_field="broadcast_id", name_field="broadcast__name", pause=_broadcast_pause
+        kind="broadcast",
+        group_field="broadcast_id",
+        name_field="broadcast__name",
+        pause=_broadcast_pause,
+        resumed_field="broadcast__resumed_at",
     ),
 )
 
 
 def source_figures(
-    *, source: ReputationSource, since: datetime, until: datetime, by_day: bool = False
+    *,
+    source: ReputationSource,
+    since: datetime,
+    until: datetime,
+    by_day: bool = False,
+    since_resume: bool = False,
 ) -> list[ReputationFigures]:
     """Figures per source (and per UTC day when by_day) for messages handed over in
-    [since, until)."""
+    [since, until); with since_resume, in [max(since, the source's resumed_at), until)."""
     messages = Message.objects.filter(
         status__in=HANDED_TO_ESP,
         sent_at__gte=since,
         sent_at__lt=until,
         **{f"{source.group_field}__isnull": False},
     )
+    if since_resume and source.resumed_field:
+        resumed = source.resumed_field
+        messages = messages.filter(Q(**{f"{resumed}__isnull": True}) | Q(sent_at__gte=F(resumed)))
     keys = [source.group_field, source.name_field]
     if by_day:
         messages = messages.annotate(day=TruncDate("sent_at"))
@@ -193,7 +213,7 @@ def reputation_check(*, now: datetime | None = None) -> list[Paused]:
     since = now - timedelta(hours=window_hours)
     paused: list[Paused] = []
     for source in SOURCES:
-        for figures in source_figures(source=source, since=since, until=now):
+        for figures in source_figures(source=source, since=since, until=now, since_resume=True):
             reason = pause_reason(figures, window_hours=window_hours)
             if reason and source.pause(figures.source_id, reason, now):
                 logger.warning(

@@ -1,7 +1,8 @@
 """The broadcasts admin: drafts are edited here (the audience rule checked on the form),
 and every state change (send now, schedule, pause, resume, cancel) is an action with a
 confirmation page that calls campaigns.broadcasts. Progress and rates come from the
-counts the sweeper stores; the change page counts live."""
+counts the sweeper stores; the change page counts live. A draft's audience preview reads
+at most PREVIEW_SCAN_LIMIT contacts per page view."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from campaigns.broadcasts import (
     broadcast_schedule,
     broadcast_send_now,
 )
+from campaigns.broadcasts.selectors import PREVIEW_SCAN_LIMIT
 from campaigns.models import Broadcast, Message
 from campaigns.rules import RuleError, describe_rule
 from suppression.reputation import HANDED_TO_ESP
@@ -51,7 +53,9 @@ PROGRESS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("failed", (Message.Status.FAILED, Message.Status.DEAD)),
     ("cancelled", (Message.Status.CANCELLED,)),
 )
-AUDIENCE_PREVIEW_SCAN_LIMIT = 100_000
+AUDIENCE_PREVIEW_SCAN_LIMIT = PREVIEW_SCAN_LIMIT
+# The changelist's audience column: the rule, cut to this many characters.
+AUDIENCE_SUMMARY_CHARS = 60
 CONFIRMATION_LIST_LIMIT = 100
 
 CONFIRM_PAGE = """{% extends "admin/base_site.html" %}
@@ -117,6 +121,9 @@ class BroadcastAdmin(admin.ModelAdmin):
     list_display = [
         "name",
         "status",
+        "template",
+        "purpose",
+        "audience_summary",
         "when",
         "audience_display",
         "progress",
@@ -137,6 +144,7 @@ class BroadcastAdmin(admin.ModelAdmin):
         "started_at",
         "finished_at",
         "paused_display",
+        "start_error",
         "cancelled_reason",
         "audience_display",
         "live_progress",
@@ -161,6 +169,7 @@ class BroadcastAdmin(admin.ModelAdmin):
                         "started_at",
                         "finished_at",
                         "paused_display",
+                        "start_error",
                         "cancelled_reason",
                         "audience_display",
                         "live_progress",
@@ -203,6 +212,13 @@ class BroadcastAdmin(admin.ModelAdmin):
         moment = obj.finished_at or obj.started_at
         return f"{moment:%Y-%m-%d %H:%M} UTC" if moment else "-"
 
+    @admin.display(description="to")
+    def audience_summary(self, obj: Broadcast) -> str:
+        text = self.audience_description(obj)
+        if len(text) <= AUDIENCE_SUMMARY_CHARS:
+            return text
+        return text[: AUDIENCE_SUMMARY_CHARS - 1].rstrip() + "…"
+
     @admin.display(description="audience")
     def audience_display(self, obj: Broadcast) -> str:
         if obj.started_at is None:
@@ -231,11 +247,11 @@ class BroadcastAdmin(admin.ModelAdmin):
         handed = sum(obj.stats.get(s, 0) for s in HANDED_TO_ESP)
         return _rate(obj.stats.get(Message.Status.COMPLAINED, 0), handed)
 
-    @admin.display(description="why paused / cancelled")
+    @admin.display(description="why paused / cancelled / not started")
     def why(self, obj: Broadcast) -> str:
         if obj.paused_reason:
             return f"{obj.paused_by}: {obj.paused_reason}" if obj.paused_by else obj.paused_reason
-        return obj.cancelled_reason or ""
+        return obj.cancelled_reason or obj.start_error or ""
 
     @admin.display(description="paused")
     def paused_display(self, obj: Broadcast) -> str:
@@ -350,7 +366,7 @@ class BroadcastAdmin(admin.ModelAdmin):
             action="pause",
             title="Pause broadcasts",
             explanation="No more of these broadcasts' messages will be handed to the ESP until they are "
-            "resumed (a batch a worker already took may still go out).",
+            "resumed (a request already on its way to the ESP still completes).",
             submit_label="Pause",
             needs_reason=True,
             run=lambda b, form: broadcast_pause(broadcast=b, actor=_actor(request), reason=form["reason"]),
@@ -364,9 +380,9 @@ class BroadcastAdmin(admin.ModelAdmin):
             queryset,
             action="resume",
             title="Resume broadcasts",
-            explanation="These broadcasts continue sending where they stopped. A broadcast the "
-            "reputation guard paused is paused again if its rates over the guard's window "
-            "are still over the limits.",
+            explanation="These broadcasts continue sending where they stopped. The reputation guard "
+            "judges them on the mail they send from now on: if its rates go over the limits "
+            "again, it pauses them again.",
             submit_label="Resume",
             run=lambda b, form: broadcast_resume(broadcast=b, actor=_actor(request)),
             done="{} broadcast(s) resumed.",
@@ -426,7 +442,8 @@ class BroadcastAdmin(admin.ModelAdmin):
                         changed += 1
                 if refused:
                     self.message_user(request, "Refused: " + " | ".join(refused), messages.ERROR)
-                self.message_user(request, done.format(changed), messages.SUCCESS)
+                level = messages.SUCCESS if changed else messages.WARNING
+                self.message_user(request, done.format(changed), level)
                 return None
         total = queryset.count()
         context = {

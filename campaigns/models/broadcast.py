@@ -1,6 +1,6 @@
 """Broadcasts: one-off campaigns a marketer sends to an audience of contacts.
 
-A broadcast's audience becomes Message rows in batches (campaigns/broadcasts.py); from
+A broadcast's audience becomes Message rows in batches (campaigns/broadcasts/); from
 there on its mail goes through the same delivery engine as an automation's."""
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ class Broadcast(models.Model):
 
     # Edits (audience, template, purpose) are only allowed before sending starts.
     EDITABLE = (Status.DRAFT, Status.SCHEDULED)
+    # Statuses whose queued messages the delivery engine may claim and hand off. SENT is
+    # in: a message replayed after the broadcast finished goes out. A paused broadcast's
+    # mail waits for the resume; a cancelled one's is cancelled by the sweeper.
+    MAY_SEND = (Status.SENDING, Status.SENT)
     # The reputation guard's name in paused_by; a person is "admin:<username>".
     PAUSED_BY_GUARD = "reputation guard"
 
@@ -66,6 +70,18 @@ class Broadcast(models.Model):
         max_length=150, blank=True, help_text="'reputation guard', or 'admin:<username>' for a person."
     )
     paused_reason = models.CharField(max_length=255, blank=True)
+    resumed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="Last resumed at; the reputation guard only counts mail sent since then.",
+    )
+    start_error = models.CharField(
+        max_length=255,
+        blank=True,
+        editable=False,
+        help_text="Why the scheduler could not start it at its scheduled time (it went back to draft).",
+    )
     cancelled_reason = models.CharField(max_length=255, blank=True)
 
     # Materialisation: contacts are turned into messages in id order, one batch per
@@ -116,7 +132,7 @@ class Broadcast(models.Model):
         return self.name
 
     def clean(self) -> None:
-        from campaigns.broadcasts import AudienceError, audience_validate
+        from campaigns.rules import AudienceError, audience_validate
 
         try:
             audience_validate(self.audience)

@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 EVENT_TYPE_NAME = RegexValidator(
@@ -369,6 +370,17 @@ class Message(models.Model):
                 fields=["broadcast", "status"],
                 name="message_broadcast_status",
                 condition=Q(broadcast__isnull=False),
+            ),
+        ]
+        constraints = [
+            # One message per mailbox per broadcast, whatever the spelling of the
+            # address ("Bob@Example.com" is bob@example.com's mailbox): two contacts
+            # sharing an address, even in different materialisation batches, get one.
+            models.UniqueConstraint(
+                Lower("to_email"),
+                "broadcast",
+                condition=Q(broadcast__isnull=False),
+                name="message_broadcast_address",
             ),
         ]
 

@@ -3,21 +3,25 @@ sweeper, sending through the real ESP sandbox, and the admin."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from unittest import mock
 
 import time_machine
 from django.conf import settings
+from django.contrib import messages as admin_messages
 from django.contrib.auth import get_user_model
 from django.contrib.messages import get_messages
 from django.core.exceptions import ValidationError
-from django.db import connection
-from django.test import TestCase, override_settings
+from django.db import IntegrityError, connection, connections, transaction
+from django.test import TestCase, TransactionTestCase, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from campaigns import broadcasts, tasks
+from campaigns import tasks
 from campaigns.broadcasts import (
     BROADCAST_PRIORITY,
     audience_preview,
@@ -29,11 +33,13 @@ from campaigns.broadcasts import (
     broadcast_schedule,
     broadcast_send_now,
     broadcasts_sweep,
+    materialise,
 )
-from campaigns.delivery import claimable_messages_q, messages_claim, messages_send_batch
+from campaigns.delivery import claimable_messages_q, messages_claim, messages_replay, messages_send_batch
 from campaigns.models import Broadcast, Contact, EmailTemplate, Message
 from mailauto.celery import app as celery_app
 from mailauto.sandbox import SandboxServer
+from suppression.consent import consent_grant, consent_withdraw
 from suppression.models import Suppression
 from suppression.services import suppression_add
 from tests import factories
@@ -133,6 +139,31 @@ class AudienceTests(BroadcastTestCase):
         self.assertEqual((broadcast.audience_size, broadcast.recipients), (3, 2))
         self.assertNotIn(twin.pk, {m.contact_id for m in self.messages_of(broadcast)})
 
+    def test_one_message_per_mailbox_whichever_spelling_comes_first(self) -> None:
+        # Each pair is one mailbox; the first of each pair has the lower id and is in
+        # an earlier batch (batch_size=1) than the second.
+        first = factories.contact(email="Bob@Example.com", plan="twins")
+        factories.contact(email="bob@example.com", plan="twins")
+        second = factories.contact(email="zed@example.com", plan="twins")
+        factories.contact(email="ZED@Example.COM", plan="twins")
+        broadcast = self.started({"field": "contact.plan", "op": "eq", "value": "twins"})
+
+        broadcasts_sweep(batch_size=1)
+
+        self.assertEqual([m.contact for m in self.messages_of(broadcast)], [first, second])
+        broadcast.refresh_from_db()
+        self.assertEqual((broadcast.audience_size, broadcast.recipients), (4, 2))
+
+    def test_the_database_allows_one_message_per_address_per_broadcast(self) -> None:
+        broadcast = self.started()
+        other = self.started(name="other")
+        factories.message(self.version, factories.contact(email="Bob@Example.com"), broadcast=broadcast)
+        factories.message(self.version, self.bob, broadcast=other)  # another broadcast: fine
+        factories.message(self.version, self.bob)  # automation mail: not concerned
+        factories.message(self.version, self.bob)
+        with self.assertRaises(IntegrityError), transaction.atomic():
+            factories.message(self.version, self.bob, broadcast=broadcast)
+
     def test_a_contact_whose_region_may_not_be_processed_gets_no_message(self) -> None:
         Contact.objects.filter(pk=self.ada.pk).update(region="us")
         Contact.objects.filter(pk=self.cy.pk).update(region="eu")
@@ -208,6 +239,27 @@ class ValidationTests(BroadcastTestCase):
         with self.assertRaisesMessage(ValidationError, "is sending"):
             broadcast_schedule(broadcast=broadcast, at=timezone.now() + timedelta(hours=1), actor="test")
 
+    def test_a_time_without_a_time_zone_is_refused_with_a_message(self) -> None:
+        broadcast = factories.broadcast(self.version)
+        with self.assertRaisesMessage(ValidationError, "time zone"):
+            broadcast_schedule(broadcast=broadcast, at=datetime(2999, 6, 1, 9, 0), actor="test")
+        broadcast.refresh_from_db()
+        self.assertEqual(broadcast.status, Broadcast.Status.DRAFT)
+
+    def test_a_template_that_uses_event_data_is_refused_at_start(self) -> None:
+        version = factories.published_version(html="<p>Your plan: {{ payload.plan }}</p>")
+        broadcast = factories.broadcast(version)
+        for start in (
+            lambda: broadcast_send_now(broadcast=broadcast, actor="test"),
+            lambda: broadcast_schedule(
+                broadcast=broadcast, at=timezone.now() + timedelta(hours=1), actor="test"
+            ),
+        ):
+            with self.assertRaisesMessage(ValidationError, "payload.plan"):
+                start()
+        broadcast.refresh_from_db()
+        self.assertEqual(broadcast.status, Broadcast.Status.DRAFT)
+
     def test_a_time_in_the_past_cannot_be_scheduled(self) -> None:
         broadcast = factories.broadcast(self.version)
         with self.assertRaisesMessage(ValidationError, "in the past"):
@@ -262,16 +314,11 @@ class MaterialisationTests(BroadcastTestCase):
         ids = {m.pk for m in self.messages_of(broadcast)}
         # A lost cursor, and the address check out of the way: only ON CONFLICT is left.
         Broadcast.objects.filter(pk=broadcast.pk).update(cursor=0, audience_done_at=None)
-        with mock.patch.object(broadcasts, "_new_recipients", side_effect=lambda b, matched: matched):
+        with mock.patch.object(
+            materialise, "broadcast_new_recipients", side_effect=lambda *, broadcast, matched: matched
+        ):
             broadcasts_sweep()
         self.assertEqual({m.pk for m in self.messages_of(broadcast)}, ids)
-
-    def test_another_worker_holding_the_broadcast_is_skipped(self) -> None:
-        broadcast = self.started()
-        with mock.patch.object(Broadcast.objects, "select_for_update") as locked:
-            locked.return_value.select_related.return_value.filter.return_value.first.return_value = None
-            self.assertIsNone(broadcast_materialise_batch(broadcast_id=broadcast.pk))
-        self.assertFalse(Message.objects.exists())
 
     def test_queued_messages_nudge_the_send_workers_after_commit(self) -> None:
         broadcast = self.started()
@@ -306,6 +353,52 @@ class MaterialisationTests(BroadcastTestCase):
         self.assertEqual((broadcast.status, broadcast.recipients), (Broadcast.Status.SENT, 0))
 
 
+class ConcurrentMaterialiseTests(TransactionTestCase):
+    """Real row locks: a second database connection, in a thread, is the other worker."""
+
+    def setUp(self) -> None:
+        for task in (tasks.sweep_broadcasts, tasks.messages_send):
+            patcher = mock.patch.object(task, "apply_async")
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def test_another_worker_holding_the_broadcast_is_skipped(self) -> None:
+        version = factories.published_version(html="<p>June news</p>")
+        for n in range(3):
+            factories.contact(email=f"p{n}@example.com")
+        broadcast = broadcast_send_now(broadcast=factories.broadcast(version), actor="test")
+        locked, release = threading.Event(), threading.Event()
+
+        def other_worker() -> None:
+            try:
+                with transaction.atomic():
+                    Broadcast.objects.select_for_update().get(pk=broadcast.pk)
+                    locked.set()
+                    release.wait(timeout=30)
+            finally:
+                connections["default"].close()
+
+        worker = threading.Thread(target=other_worker)
+        worker.start()
+        try:
+            self.assertTrue(locked.wait(timeout=10))
+            # Without SKIP LOCKED this would wait for the other worker: fail fast instead.
+            with connection.cursor() as cursor:
+                cursor.execute("SET lock_timeout = '2s'")
+            try:
+                self.assertIsNone(broadcast_materialise_batch(broadcast_id=broadcast.pk))
+                self.assertEqual(broadcasts_sweep().messages, 0)
+            finally:
+                with connection.cursor() as cursor:
+                    cursor.execute("RESET lock_timeout")
+            self.assertFalse(Message.objects.exists())
+        finally:
+            release.set()
+            worker.join()
+
+        self.assertEqual(broadcasts_sweep().messages, 3)  # the lock is gone: this worker's turn
+
+
 class ScheduleTests(BroadcastTestCase):
     def test_a_scheduled_broadcast_starts_when_due_and_not_before(self) -> None:
         broadcast = factories.broadcast(self.version, audience=PRO)
@@ -333,8 +426,25 @@ class ScheduleTests(BroadcastTestCase):
         broadcasts_sweep()
         broadcast.refresh_from_db()
         self.assertEqual(broadcast.status, Broadcast.Status.DRAFT)
-        self.assertIn("not started at its scheduled time", broadcast.paused_reason)
-        self.assertIn("no published version", broadcast.paused_reason)
+        self.assertIn("not started at its scheduled time", broadcast.start_error)
+        self.assertIn("no published version", broadcast.start_error)
+        self.assertEqual((broadcast.paused_by, broadcast.paused_reason, broadcast.paused_at), ("", "", None))
+
+    def test_a_broadcast_started_after_the_scheduler_refused_it_shows_no_stale_reason(self) -> None:
+        broadcast = factories.broadcast(self.version)
+        broadcast_schedule(broadcast=broadcast, at=timezone.now() + timedelta(seconds=1), actor="test")
+        Broadcast.objects.filter(pk=broadcast.pk).update(
+            template=EmailTemplate.objects.create(name="empty"), scheduled_at=timezone.now()
+        )
+        broadcasts_sweep()
+        Broadcast.objects.filter(pk=broadcast.pk).update(template=self.version.template)  # fixed
+
+        broadcast = broadcast_send_now(broadcast=Broadcast.objects.get(pk=broadcast.pk), actor="test")
+
+        broadcast.refresh_from_db()
+        self.assertEqual(broadcast.status, Broadcast.Status.SENDING)
+        self.assertEqual((broadcast.paused_by, broadcast.paused_reason, broadcast.paused_at), ("", "", None))
+        self.assertEqual(getattr(broadcast, "start_error", ""), "")
 
 
 class PauseResumeCancelTests(BroadcastTestCase):
@@ -423,6 +533,36 @@ class PauseResumeCancelTests(BroadcastTestCase):
         self.assertFalse(Message.objects.exists())
 
 
+class SweepIsolationTests(BroadcastTestCase):
+    def test_one_broadcast_failing_does_not_stop_the_others_or_the_rest_of_the_sweep(self) -> None:
+        broken = self.started(name="broken")
+        healthy = self.started(PRO, name="healthy")
+        finished = self.started({"field": "contact.plan", "op": "eq", "value": "enterprise"}, name="empty")
+        real_bulk_create = Message.objects.bulk_create
+
+        def bulk_create(objs: list[Message], *args: Any, **kwargs: Any) -> Any:
+            if objs and objs[0].broadcast_id == broken.pk:
+                raise RuntimeError("disk full")
+            return real_bulk_create(objs, *args, **kwargs)
+
+        with (
+            mock.patch.object(Message.objects, "bulk_create", side_effect=bulk_create),
+            self.assertLogs("campaigns.broadcasts", "ERROR") as logs,
+        ):
+            result = broadcasts_sweep()
+
+        self.assertIn("disk full", "\n".join(logs.output))
+        self.assertEqual(self.messages_of(broken), [])
+        self.assertEqual(len(self.messages_of(healthy)), 2)
+        self.assertEqual((result.failed, result.finished), ([broken.pk], 1))
+        finished.refresh_from_db()
+        self.assertEqual(finished.status, Broadcast.Status.SENT)
+        broken.refresh_from_db()
+        self.assertEqual((broken.status, broken.cursor), (Broadcast.Status.SENDING, 0))
+        broadcasts_sweep()  # once the fault is gone the broadcast carries on
+        self.assertEqual(len(self.messages_of(broken)), 4)
+
+
 class TaskTests(BroadcastTestCase):
     def test_starting_nudges_the_sweeper_after_commit(self) -> None:
         broadcast = factories.broadcast(self.version)
@@ -492,16 +632,130 @@ class SandboxSendTests(BroadcastTestCase):
         self.assertEqual(broadcast.status, Broadcast.Status.SENT)
 
     def test_consent_and_suppression_are_decided_again_at_send_time(self) -> None:
+        eve = factories.contact(email="eve@example.com", plan="pro")
+        fay = factories.contact(email="fay@example.com", plan="pro")
+        for contact in (self.ada, self.cy, eve, fay):
+            consent_grant(contact=contact, purpose="marketing", source="test")
+        with override_settings(MAILAUTO={**settings.MAILAUTO, "CONSENT_CHECK": True}):
+            broadcast = self.started(PRO)
+            broadcasts_sweep()
+            self.assertEqual(
+                set(Message.objects.filter(broadcast=broadcast).values_list("status", flat=True)),
+                {Message.Status.QUEUED},
+            )
+            # After the messages were made: a global unsubscribe, an unsubscribe from
+            # this broadcast's topic only, and a withdrawn consent.
+            suppression_add(email="ada@example.com", reason=Suppression.Reason.UNSUBSCRIBE, source="test")
+            suppression_add(
+                email="cy@example.com",
+                reason=Suppression.Reason.UNSUBSCRIBE,
+                source="test",
+                topic="marketing",
+            )
+            consent_withdraw(contact=eve, purpose="marketing", source="test")
+
+            result = messages_send_batch()
+
+        self.assertEqual((result.sent, result.suppressed), (1, 3))
+        statuses = {m.contact_id: (m.status, m.status_reason) for m in self.messages_of(broadcast)}
+        self.assertEqual(statuses[self.ada.pk][0], Message.Status.SUPPRESSED)
+        self.assertEqual(statuses[self.cy.pk][0], Message.Status.SUPPRESSED)
+        self.assertIn("marketing", statuses[self.cy.pk][1])
+        self.assertEqual(statuses[eve.pk][0], Message.Status.SUPPRESSED)
+        self.assertIn("consent", statuses[eve.pk][1])
+        self.assertEqual(statuses[fay.pk][0], Message.Status.SENT)
+        self.assertEqual([a["to"] for a in self.sandbox.messages()], [["fay@example.com"]])
+
+    def test_a_message_replayed_after_the_broadcast_is_sent_goes_out(self) -> None:
         broadcast = self.started(PRO)
         broadcasts_sweep()
-        suppression_add(email="ada@example.com", reason=Suppression.Reason.UNSUBSCRIBE, source="test")
+        ada = Message.objects.get(broadcast=broadcast, contact=self.ada)
+        Message.objects.filter(pk=ada.pk).update(
+            status=Message.Status.DEAD, status_reason="retries exhausted"
+        )
+        self.assertEqual(messages_send_batch().sent, 1)  # Cy's
+        broadcasts_sweep()
+        broadcast.refresh_from_db()
+        self.assertEqual(broadcast.status, Broadcast.Status.SENT)
 
+        self.assertEqual(messages_replay(message_ids=[ada.pk]), 1)
         result = messages_send_batch()
 
-        self.assertEqual((result.sent, result.suppressed), (1, 1))
-        ada = Message.objects.get(broadcast=broadcast, contact=self.ada)
-        self.assertEqual(ada.status, Message.Status.SUPPRESSED)
-        self.assertEqual([a["to"] for a in self.sandbox.messages()], [["cy@example.com"]])
+        self.assertEqual((result.claimed, result.sent), (1, 1))
+        ada.refresh_from_db()
+        self.assertEqual(ada.status, Message.Status.SENT)
+        self.assertEqual(
+            sorted(a["to"][0] for a in self.sandbox.messages()), ["ada@example.com", "cy@example.com"]
+        )
+        broadcasts_sweep()
+        broadcast.refresh_from_db()
+        self.assertEqual(broadcast.status, Broadcast.Status.SENT)
+
+    def pause_during_render(self, broadcast: Broadcast, action: Callable[[], object]) -> None:
+        """Run messages_send_batch, with `action` (a pause or a cancel) happening after the
+        batch is claimed and before it is handed off."""
+        from campaigns import delivery
+
+        real_render = delivery.message_render
+        done: list[bool] = []
+
+        def render_then_act(**kw: Any) -> Any:
+            if not done:
+                done.append(True)
+                action()
+            return real_render(**kw)
+
+        with mock.patch("campaigns.delivery.message_render", side_effect=render_then_act):
+            result = messages_send_batch()
+        self.assertEqual((result.claimed, result.sent), (2, 0))
+
+    def test_a_broadcast_paused_before_the_hand_off_sends_nothing_and_resume_sends_it(self) -> None:
+        broadcast = self.started(PRO)
+        broadcasts_sweep()
+
+        self.pause_during_render(
+            broadcast, lambda: broadcast_pause(broadcast=broadcast, actor="admin:root", reason="stop")
+        )
+
+        self.assertEqual(self.sandbox.messages(), [])
+        for message in self.messages_of(broadcast):
+            self.assertEqual(
+                (message.status, message.attempts, message.locked_until), (Message.Status.QUEUED, 0, None)
+            )
+        self.assertEqual(messages_send_batch().claimed, 0)
+
+        broadcast_resume(broadcast=broadcast, actor="admin:root")
+        self.assertEqual(messages_send_batch().sent, 2)
+        self.assertEqual(len(self.sandbox.messages()), 2)
+
+    def test_a_broadcast_cancelled_before_the_hand_off_sends_nothing(self) -> None:
+        broadcast = self.started(PRO)
+        broadcasts_sweep()
+
+        self.pause_during_render(
+            broadcast, lambda: broadcast_cancel(broadcast=broadcast, actor="admin:root", reason="wrong list")
+        )
+
+        self.assertEqual(self.sandbox.messages(), [])
+        broadcasts_sweep()
+        self.assertEqual({m.status for m in self.messages_of(broadcast)}, {Message.Status.CANCELLED})
+        self.assertEqual(messages_send_batch().claimed, 0)
+        self.assertEqual(self.sandbox.messages(), [])
+
+    def test_a_dead_workers_claimed_mail_of_a_paused_broadcast_waits_for_resume(self) -> None:
+        broadcast = self.started(PRO)
+        broadcasts_sweep()
+        # A worker claimed the batch and died before the hand-off; then a pause.
+        Message.objects.filter(broadcast=broadcast).update(
+            status=Message.Status.CLAIMED, locked_until=timezone.now() - timedelta(seconds=1), claims=1
+        )
+        broadcast_pause(broadcast=broadcast, actor="admin:root", reason="stop")
+
+        self.assertEqual(messages_send_batch().claimed, 0)
+        self.assertEqual(self.sandbox.messages(), [])
+
+        broadcast_resume(broadcast=broadcast, actor="admin:root")
+        self.assertEqual(messages_send_batch().sent, 2)
 
 
 # --- the admin ---------------------------------------------------------------------------------
@@ -556,6 +810,21 @@ class BroadcastAdminTests(BroadcastTestCase):
         self.assertContains(response, "reputation guard: complaint rate 50.00% over the last 24 h exceeds")
         self.assertContains(response, "paused")
 
+    def test_changelist_says_what_and_to_whom(self) -> None:
+        long_rule = {"or": [{"field": f"contact.tag_{n}", "op": "eq", "value": "x" * 20} for n in range(10)]}
+        self.started(PRO, name="June news", purpose="product-news")
+        factories.broadcast(self.version, name="Everyone", audience={})
+        factories.broadcast(self.version, name="Long", audience=long_rule)
+
+        response = self.client.get(changelist())
+
+        self.assertContains(response, '<td class="field-template nowrap">newsletter</td>', count=3)
+        self.assertContains(response, '<td class="field-purpose">product-news</td>')
+        self.assertContains(response, "contact.plan = &quot;pro&quot;</td>")
+        self.assertContains(response, "every contact</td>")
+        self.assertContains(response, "contact.tag_0 = &quot;xxxxxxxxxxxxxxxxxxxx&quot; or")
+        self.assertNotContains(response, "contact.tag_9")  # shortened
+
     def test_changelist_queries_do_not_grow_with_rows(self) -> None:
         self.started(PRO)
 
@@ -574,6 +843,23 @@ class BroadcastAdminTests(BroadcastTestCase):
         response = self.client.get(change(draft))
         self.assertContains(response, "2 contacts match now")
         self.assertContains(response, "contact.plan = &quot;pro&quot;")
+
+    def test_the_draft_preview_reads_a_bounded_number_of_contacts(self) -> None:
+        draft = factories.broadcast(self.version, audience=PRO)
+        with CaptureQueriesContext(connection) as queries:
+            response = self.client.get(change(draft))
+        self.assertContains(response, "2 contacts match now")
+        scans = [q["sql"] for q in queries.captured_queries if '"campaigns_contact"."attributes"' in q["sql"]]
+        self.assertEqual(len(scans), 1)
+        self.assertIn("LIMIT 10001", scans[0])
+
+    def test_a_preview_beyond_the_cap_is_a_lower_bound(self) -> None:
+        draft = factories.broadcast(self.version, audience=PRO)
+        from campaigns.admin import broadcasts as broadcasts_admin
+
+        with mock.patch.object(broadcasts_admin, "AUDIENCE_PREVIEW_SCAN_LIMIT", 2):
+            response = self.client.get(change(draft))
+        self.assertContains(response, "At least 1 contacts match")
 
     def test_the_change_page_of_a_sending_broadcast_is_read_only_with_live_counts(self) -> None:
         broadcast = self.started(PRO)
@@ -630,6 +916,18 @@ class BroadcastAdminTests(BroadcastTestCase):
         notes = self.notes(response)
         self.assertIn("1 broadcast(s) started.", notes)
         self.assertTrue(any("Not ready" in n and "no published version" in n for n in notes))
+
+    def test_an_action_that_changed_nothing_is_a_warning_not_a_success(self) -> None:
+        unpublished = factories.broadcast(name="Not ready")
+        unpublished.template.versions.update(status="draft", published_at=None)
+
+        response = self.act("send_now", unpublished)
+
+        levels = {str(m): m.level for m in get_messages(response.wsgi_request)}
+        self.assertEqual(levels["0 broadcast(s) started."], admin_messages.WARNING)
+        self.assertEqual(
+            [level for note, level in levels.items() if "Not ready" in note], [admin_messages.ERROR]
+        )
 
     def test_schedule_needs_a_time(self) -> None:
         draft = factories.broadcast(self.version)

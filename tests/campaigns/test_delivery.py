@@ -397,3 +397,22 @@ class PoisonMessageTests(SandboxTestCase):
 def test_only_a_429_feeds_the_adaptive_rate() -> None:
     assert classify_send_error(_api_error(429)).rate_limited
     assert not classify_send_error(_api_error(503)).rate_limited
+
+
+class PausedSourceClaimTests(SandboxTestCase):
+    def test_a_dead_workers_claimed_mail_of_a_paused_automation_waits_until_it_is_active(self) -> None:
+        automation = factories.automation(self.type, self.version, active=False)
+        message = self.queued(
+            automation=automation,
+            status=Message.Status.CLAIMED,
+            locked_until=timezone.now() - timedelta(seconds=1),
+            claims=1,
+        )
+        self.assertEqual(messages_send_batch().claimed, 0)
+        self.assertEqual(self.sandbox.messages(), [])
+
+        automation.active = True
+        automation.save(update_fields=["active"])
+        self.assertEqual(messages_send_batch().sent, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.SENT)

@@ -238,16 +238,25 @@ class BroadcastPauseTests(ReputationTestCase):
             started_at=NOW - timedelta(hours=2),
         )
 
-    def send_broadcast(self, count: int, status: str = Message.Status.DELIVERED, **kw: object) -> None:
+    def send_broadcast(
+        self,
+        count: int,
+        status: str = Message.Status.DELIVERED,
+        sent_at_override: datetime | None = None,
+        **kw: object,
+    ) -> None:
+        first = next(_keys)
         Message.objects.bulk_create(
             Message(
-                idempotency_key=f"rep-{next(_keys)}",
+                idempotency_key=f"rep-{first}-{n}",
                 broadcast=self.june,
-                to_email=f"b{n}@example.com",
+                # One address per message: a broadcast has one message per mailbox.
+                to_email=f"b{first}-{n}@example.com",
                 template_version=self.version,
                 purpose="marketing",
                 status=status,
-                sent_at=NOW - timedelta(hours=1) if status != Message.Status.QUEUED else None,
+                sent_at=sent_at_override
+                or (NOW - timedelta(hours=1) if status != Message.Status.QUEUED else None),
                 **kw,
             )
             for n in range(count)
@@ -306,3 +315,44 @@ class BroadcastPauseTests(ReputationTestCase):
         Broadcast.objects.filter(pk=self.june.pk).update(status=Broadcast.Status.SENT)
         with limits():
             self.assertEqual(reputation_check(), [])
+
+    def test_a_resumed_broadcast_is_judged_on_the_mail_it_sends_after_the_resume(self) -> None:
+        from campaigns.broadcasts import broadcast_resume
+        from campaigns.models import Broadcast
+
+        self.send_broadcast(90)
+        self.send_broadcast(10, Message.Status.COMPLAINED)  # an hour before NOW
+        with limits():
+            (paused,) = reputation_check()
+        self.assertEqual(paused.figures.source_id, self.june.pk)
+
+        # The marketer fixed the list and resumes: the old complaints are still in the
+        # 24 h window, but they are what the pause was about.
+        broadcast_resume(broadcast=self.june, actor="admin:root")
+        with limits():
+            self.assertEqual(reputation_check(), [])
+        self.june.refresh_from_db()
+        self.assertEqual((self.june.status, self.june.resumed_at), (Broadcast.Status.SENDING, NOW))
+
+        # The same again on the mail sent after the resume: paused again.
+        later = NOW + timedelta(hours=2)
+        self.send_broadcast(95, sent_at_override=NOW + timedelta(hours=1))
+        self.send_broadcast(5, Message.Status.COMPLAINED, sent_at_override=NOW + timedelta(hours=1))
+        with limits():
+            (again,) = reputation_check(now=later)
+        self.assertEqual((again.figures.handed_over, again.figures.complained), (100, 5))
+        self.june.refresh_from_db()
+        self.assertEqual(
+            (self.june.status, self.june.paused_by), (Broadcast.Status.PAUSED, "reputation guard")
+        )
+
+    def test_the_report_still_shows_the_whole_day_after_a_resume(self) -> None:
+        from campaigns.broadcasts import broadcast_pause, broadcast_resume
+
+        self.send_broadcast(90)
+        self.send_broadcast(10, Message.Status.COMPLAINED)
+        broadcast_pause(broadcast=self.june, actor="admin:root", reason="check")
+        broadcast_resume(broadcast=self.june, actor="admin:root")
+
+        (row,) = [f for f in reputation_report() if f.kind == "broadcast"]
+        self.assertEqual((row.handed_over, row.complained), (100, 10))
