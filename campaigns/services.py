@@ -306,7 +306,12 @@ def automation_set_active(*, automation: Automation, active: bool) -> Automation
             raise ValidationError(errors)
     now = timezone.now()
     if current.active != active:
-        Automation.objects.filter(pk=current.pk).update(active=active, updated_at=now)
+        changes: dict[str, object] = {"active": active, "updated_at": now}
+        if active:
+            # The reputation guard judges it on what it sends from now on: the bounces or
+            # complaints that paused it are still in its window (suppression/reputation.py).
+            changes["resumed_at"] = automation.resumed_at = now
+        Automation.objects.filter(pk=current.pk).update(**changes)
         automation.updated_at = now
     automation.active = active
     return automation

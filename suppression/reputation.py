@@ -17,8 +17,8 @@ complaint would swing the rate, and it would pause small automations at random.
 
 A source a person resumed is judged on the mail it handed over since the resume: the
 window still holds the bounces or complaints that paused it, and counting them again
-would pause it again at once, before the fix could show. Broadcasts record resumed_at;
-automations do not yet, so a reactivated automation is judged on the whole window.
+would pause it again at once, before the fix could show. Broadcasts and automations
+record resumed_at when a person resumes or switches them on.
 
 Each kind of source is one ReputationSource (its Message foreign key, its name field
 and a conditional pause); broadcasts pause from sending to paused, with the reason.
@@ -109,7 +109,11 @@ def _broadcast_pause(broadcast_id: int, reason: str, now: datetime) -> bool:
 
 SOURCES: tuple[ReputationSource, ...] = (
     ReputationSource(
-        kind="automation", group_field="automation_id", name_field="automation__name", pause=_automation_pause
+        kind="automation",
+        group_field="automation_id",
+        name_field="automation__name",
+        pause=_automation_pause,
+        resumed_field="automation__resumed_at",
     ),
     ReputationSource(
         kind="broadcast",

@@ -238,6 +238,11 @@ class Automation(models.Model):
         max_length=255, blank=True, help_text="Why it was paused automatically (reputation guard)."
     )
     paused_at = models.DateTimeField(null=True, blank=True)
+    resumed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When it was last switched on; the reputation guard judges it on mail sent since.",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
 

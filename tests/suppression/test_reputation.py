@@ -140,6 +140,32 @@ class PauseTests(ReputationTestCase):
         self.digest.refresh_from_db()
         self.assertTrue(self.digest.active)
 
+    def test_a_reactivated_automation_is_judged_on_the_mail_it_sends_after(self) -> None:
+        from campaigns.services import automation_set_active
+
+        self.send(self.welcome, 95)
+        self.send(self.welcome, 5, Message.Status.COMPLAINED)
+        with limits():
+            (paused,) = reputation_check()
+        self.assertEqual(paused.figures.source_id, self.welcome.pk)
+
+        # Switched back on after the list was cleaned: the old complaints are still in
+        # the window, but they are what the pause was about.
+        automation_set_active(automation=self.welcome, active=True)
+        with limits():
+            self.assertEqual(reputation_check(), [])
+        self.welcome.refresh_from_db()
+        self.assertEqual((self.welcome.active, self.welcome.resumed_at), (True, NOW))
+
+        # As bad again on the mail sent since: paused again.
+        self.send(self.welcome, 95, ago=-timedelta(hours=1))
+        self.send(self.welcome, 5, Message.Status.COMPLAINED, ago=-timedelta(hours=1))
+        with limits():
+            (again,) = reputation_check(now=NOW + timedelta(hours=2))
+        self.assertEqual((again.figures.handed_over, again.figures.complained), (100, 5))
+        self.welcome.refresh_from_db()
+        self.assertFalse(self.welcome.active)
+
     def test_above_the_limit_the_reason_says_exceeds(self) -> None:
         self.send(self.welcome, 995)
         self.send(self.welcome, 5, Message.Status.COMPLAINED)  # 0.50%
