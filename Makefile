@@ -51,7 +51,8 @@ lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) manage.py makemigrations --check --dry-run
-	$(VENV)/bin/mypy campaigns/events.py campaigns/processing.py campaigns/delivery.py campaigns/rules.py campaigns/schemas.py campaigns/rendering suppression/ mailauto/lib/ campaigns/esp_batch.py campaigns/selectors.py campaigns/tasks.py
+	$(VENV)/bin/mypy campaigns/events.py campaigns/processing.py campaigns/delivery.py campaigns/rules.py campaigns/schemas.py campaigns/rendering suppression/ mailauto/lib/ campaigns/esp_batch.py campaigns/selectors.py campaigns/tasks.py \
+		campaigns/throttle campaigns/broadcasts campaigns/esp_idempotency.py campaigns/services.py mailauto/sandbox
 
 format: install-dev
 	$(VENV)/bin/ruff check --fix .
