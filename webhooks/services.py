@@ -16,6 +16,7 @@ from anymail.signals import AnymailTrackingEvent, RejectReason
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field
 from django.http import QueryDict
 from django.utils import timezone
@@ -24,7 +25,12 @@ from campaigns.models import Message
 from suppression.models import Suppression
 from suppression.services import normalize_email, suppression_add
 from webhooks.models import TrackingEvent
-from webhooks.selectors import MessageLink, message_for_tracking_event, soft_bounce_count
+from webhooks.selectors import (
+    MessageLink,
+    message_for_tracking_event,
+    message_pk_from_metadata,
+    soft_bounce_count,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -216,21 +222,104 @@ def _text(value: object) -> str:
 # --- the service -----------------------------------------------------------------------
 
 
-@transaction.atomic
 def tracking_event_record(*, esp: str, event: AnymailTrackingEvent) -> TrackingEvent | None:
-    """Store one ESP tracking event and apply it, all in one transaction.
+    """Store one ESP tracking event and apply it, atomically.
 
     Returns the new TrackingEvent, or None when this event was recorded before: an ESP
     retrying a webhook, or a replay, changes nothing the second time.
+
+    Most events (deliveries, opens, clicks) only move a message along its timeline:
+    on Postgres those take one statement (_record_in_one_statement). Events that may
+    suppress an address, and events that name no recipient, take the general path
+    (_record_with_effects), one transaction of several statements.
     """
     now = timezone.now()
+    event_type = event.event_type if event.event_type in EVENT_TYPES else EventType.UNKNOWN
+    recipient = normalize_email(_text(event.recipient))
+    kind = bounce_kind(esp=esp, event=event)
+    may_suppress = (
+        suppression_reason(event_type=event_type, reject_reason=event.reject_reason, kind=kind) is not None
+        or kind == TrackingEvent.BounceKind.SOFT
+    )
+    connection = connections[router.db_for_write(TrackingEvent)]
+    if recipient and not may_suppress and connection.vendor == "postgresql":
+        return _record_in_one_statement(
+            esp=esp, event=event, event_type=event_type, recipient=recipient, now=now
+        )
+    return _record_with_effects(esp=esp, event=event, event_type=event_type, kind=kind, now=now)
+
+
+def _record_in_one_statement(
+    *, esp: str, event: AnymailTrackingEvent, event_type: str, recipient: str, now: datetime
+) -> TrackingEvent | None:
+    """An event that suppresses nothing, in one statement (so in autocommit, its own
+    transaction, with no BEGIN/COMMIT round trips): find the message, INSERT the event
+    ON CONFLICT DO NOTHING, and advance the message only if the INSERT took.
+
+    The same guarantees as the general path, for the same reasons: the unique index
+    decides which of two racing deliveries of one event inserts (the loser's INSERT
+    waits for the winner's commit, then inserts nothing, so its UPDATE has no message
+    to touch), and the UPDATE's WHERE clause, re-checked by Postgres against a row that
+    a concurrent transaction just committed, never moves a message backwards.
+    """
+    esp_event = esp_event_as_json(event.esp_event)
+    raw_json = canonical_json(esp_event)
+    metadata = event.metadata if isinstance(event.metadata, dict) else {}
+    esp_message_id = _text(event.message_id)
+    tracking_event = TrackingEvent(
+        esp=esp,
+        esp_event_id=_esp_event_id(esp=esp, event=event, recipient=recipient, raw_json=raw_json),
+        event_type=event_type,
+        bounce_kind="",
+        esp_message_id=esp_message_id,
+        recipient=recipient,
+        occurred_at=_aware(event.timestamp, now),
+        received_at=now,
+        description=_text(event.description),
+        mta_response=_text(event.mta_response),
+        reject_reason=_text(event.reject_reason),
+        click_url=_text(event.click_url),
+        metadata=metadata,
+        esp_event=esp_event,
+    )
+    connection = connections[router.db_for_write(TrackingEvent)]
+    values = {f.attname: getattr(tracking_event, f.attname) for f in _insert_fields() if f.name != "message"}
+    # jsonb from the text we already have (cast in the SQL), rather than encoding again.
+    values["metadata"] = canonical_json(metadata)
+    values["esp_event"] = raw_json
+    target = STATUS_FOR_EVENT[event_type]
+    params = [
+        message_pk_from_metadata(metadata),
+        esp_message_id,
+        esp_message_id,
+        *(values[f.attname] for f in _insert_fields() if f.name != "message"),
+        *_advance_params(tracking_event=tracking_event, target=target, now=now, connection=connection),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_record_sql(connection.vendor, target), params)
+        row = cursor.fetchone()
+    if row is None:
+        logger.debug(
+            "tracking event already recorded",
+            extra={"esp": esp, "esp_event_id": tracking_event.esp_event_id},
+        )
+        return None
+    tracking_event.pk, tracking_event.message_id = row
+    tracking_event._state.adding = False
+    tracking_event._state.db = connection.alias
+    return tracking_event
+
+
+@transaction.atomic
+def _record_with_effects(
+    *, esp: str, event: AnymailTrackingEvent, event_type: str, kind: str, now: datetime
+) -> TrackingEvent | None:
+    """The general path: every event may come here (and every event does on SQLite)."""
     esp_event = esp_event_as_json(event.esp_event)
     metadata = event.metadata if isinstance(event.metadata, dict) else {}
     esp_message_id = _text(event.message_id)
-    event_type = event.event_type if event.event_type in EVENT_TYPES else EventType.UNKNOWN
     link = message_for_tracking_event(metadata=metadata, esp_message_id=esp_message_id)
     recipient = normalize_email(_text(event.recipient) or (link.to_email if link else ""))
-    kind = bounce_kind(esp=esp, event=event)
 
     tracking_event = TrackingEvent(
         esp=esp,
@@ -334,13 +423,24 @@ def _message_advance(*, link: MessageLink, tracking_event: TrackingEvent, now: d
     re-checks the WHERE clause against the row another transaction just committed.
     """
     target = STATUS_FOR_EVENT[tracking_event.event_type]
+    connection = connections[router.db_for_write(Message)]
+    params = _advance_params(tracking_event=tracking_event, target=target, now=now, connection=connection)
+    params.append(link.pk)
+    with connection.cursor() as cursor:
+        cursor.execute(_advance_sql(connection.vendor, target), params)
+        return cursor.rowcount > 0
+
+
+def _advance_params(
+    *, tracking_event: TrackingEvent, target: str, now: datetime, connection: BaseDatabaseWrapper
+) -> list[Any]:
+    """The parameters of _advance_clauses' SET and WHERE clauses, in that order."""
     label = f"{tracking_event.event_type} (webhook:{tracking_event.esp})"
     detail = tracking_event.description or tracking_event.mta_response
     if target in (Status.BOUNCED, Status.COMPLAINED, Status.UNSUBSCRIBED) and detail:
         label = f"{label}: {detail}"
-    connection = connections[router.db_for_write(Message)]
     at = connection.ops.adapt_datetimefield_value(now)
-    params = [
+    return [
         target,
         *BEFORE_SENT,
         f"reconciled: {label}"[:255],
@@ -350,43 +450,97 @@ def _message_advance(*, link: MessageLink, tracking_event: TrackingEvent, now: d
         tracking_event.esp_message_id,
         at,
         at,
-        link.pk,
         *statuses_before(target),
     ]
-    with connection.cursor() as cursor:
-        cursor.execute(_advance_sql(connection.vendor, target), params)
-        return cursor.rowcount > 0
 
 
 @functools.cache
-def _advance_sql(vendor: str, target: str) -> str:
-    """The UPDATE behind _message_advance, built once per target status.
+def _advance_clauses(vendor: str, target: str) -> tuple[str, str]:
+    """The SET and WHERE clauses (less the message's id) of the UPDATE that advances a
+    message to `target`, built once per target status.
 
     Identifiers come from the model's metadata, values are parameters. Written as SQL
     because it runs for every webhook: the same UPDATE through the ORM
     (Case/When/Coalesce expressions resolved and compiled per call) cost more CPU than
     all of the rest of the receiver together (bench/webhooks.py, py-spy).
     """
-    connection = connections[router.db_for_write(Message)]
-    meta = Message._meta
-    quote = connection.ops.quote_name
-
-    def col(name: str) -> str:
-        field = meta.get_field(name)
-        assert isinstance(field, Field)
-        return quote(str(field.column))
-
-    def marks(values: tuple[str, ...]) -> str:
-        return ", ".join(["%s"] * len(values))
-
-    status, esp_id, sent_at = col("status"), col("esp_message_id"), col("sent_at")
-    return (
-        f"UPDATE {quote(meta.db_table)} SET {status} = %s, "  # noqa: S608
-        f"{col('status_reason')} = CASE WHEN {status} IN ({marks(BEFORE_SENT)}) THEN %s ELSE %s END, "
+    status, esp_id, sent_at = _message_col("status"), _message_col("esp_message_id"), _message_col("sent_at")
+    assignments = (
+        f"{status} = %s, "
+        f"{_message_col('status_reason')} = CASE WHEN {status} IN ({_marks(BEFORE_SENT)}) THEN %s ELSE %s END, "
         f"{esp_id} = CASE WHEN {esp_id} = '' THEN %s ELSE {esp_id} END, "
-        f"{sent_at} = COALESCE({sent_at}, %s), {col('locked_until')} = NULL, {col('updated_at')} = %s "
-        f"WHERE {col('id')} = %s AND {status} IN ({marks(statuses_before(target))})"
+        f"{sent_at} = COALESCE({sent_at}, %s), {_message_col('locked_until')} = NULL, "
+        f"{_message_col('updated_at')} = %s"
     )
+    return assignments, f"{status} IN ({_marks(statuses_before(target))})"
+
+
+@functools.cache
+def _advance_sql(vendor: str, target: str) -> str:
+    """The UPDATE behind _message_advance."""
+    assignments, condition = _advance_clauses(vendor, target)
+    return f"UPDATE {_message_table()} SET {assignments} WHERE {condition} AND {_message_col('id')} = %s"  # noqa: S608
+
+
+@functools.cache
+def _record_sql(vendor: str, target: str) -> str:
+    """The one statement behind _record_in_one_statement, for events proving `target`.
+
+    Parameters: the message id from our metadata (or NULL), the ESP's message id twice,
+    the TrackingEvent columns but `message` in model order, then _advance_params.
+    Returns one row (the event's id, its message's id) when the event was inserted,
+    none when it was there already.
+
+    The message lookup is the one message_for_tracking_event makes: by our id first,
+    else the newest message with the ESP's id. (COALESCE evaluates the second
+    subquery only when the first finds nothing.) All three parts see one snapshot;
+    the UPDATE joins on what the INSERT returned, so it runs only for a new event.
+    """
+    connection = connections[router.db_for_write(TrackingEvent)]
+    quote = connection.ops.quote_name
+    message_id, esp_id = _message_col("id"), _message_col("esp_message_id")
+    fields = _insert_fields()
+    values = ", ".join(
+        "(SELECT id FROM target)"
+        if f.name == "message"
+        else "%s::jsonb"
+        if f.get_internal_type() == "JSONField"
+        else "%s"
+        for f in fields
+    )
+    columns = ", ".join(quote(str(f.column)) for f in fields)
+    pk = quote(str(TrackingEvent._meta.pk.column))
+    event_message = quote(str(TrackingEvent._meta.get_field("message").column))
+    assignments, condition = _advance_clauses(vendor, target)
+    conflict = f"{quote('esp')}, {quote('esp_event_id')}"
+    # Identifiers come from the models' own metadata; every value is a parameter.
+    return (
+        "WITH target AS (SELECT COALESCE("  # noqa: S608
+        f"(SELECT {message_id} FROM {_message_table()} WHERE {message_id} = %s), "
+        f"(SELECT {message_id} FROM {_message_table()} WHERE {esp_id} = %s AND %s <> '' "
+        f"ORDER BY {message_id} DESC LIMIT 1)) AS id), "
+        f"inserted AS (INSERT INTO {quote(TrackingEvent._meta.db_table)} ({columns}) VALUES ({values}) "
+        f"ON CONFLICT ({conflict}) DO NOTHING RETURNING {pk} AS id, {event_message} AS message_id), "
+        f"advanced AS (UPDATE {_message_table()} SET {assignments} "
+        f"WHERE {condition} AND {message_id} = (SELECT message_id FROM inserted) RETURNING 1) "
+        "SELECT id, message_id FROM inserted"
+    )
+
+
+def _message_table() -> str:
+    connection = connections[router.db_for_write(Message)]
+    return connection.ops.quote_name(Message._meta.db_table)
+
+
+def _message_col(name: str) -> str:
+    connection = connections[router.db_for_write(Message)]
+    field = Message._meta.get_field(name)
+    assert isinstance(field, Field)
+    return connection.ops.quote_name(str(field.column))
+
+
+def _marks(values: tuple[str, ...]) -> str:
+    return ", ".join(["%s"] * len(values))
 
 
 def _soft_bounce_check(*, recipient: str, now: datetime) -> str | None:

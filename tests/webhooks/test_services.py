@@ -11,12 +11,13 @@ from anymail.signals import AnymailTrackingEvent
 from django.conf import settings
 from django.db import connection, connections, transaction
 from django.test import TransactionTestCase, override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from campaigns.models import Message
 from suppression.models import Suppression, SuppressionLogEntry
 from tests import factories
-from tests.webhooks.postmark import WebhookTestCase, for_message, iso, payload
+from tests.webhooks.postmark import WebhookTestCase, basic_auth, for_message, iso, payload
 from webhooks.models import TrackingEvent
 from webhooks.services import bounce_kind, statuses_before, tracking_event_record
 
@@ -186,15 +187,16 @@ class DeduplicationTests(WebhookTestCase):
         message = self.message()
         body = for_message("delivery", message)
         self.assertAccepted(self.post(body))
-        # The message lookup and the INSERT that finds the event already there (plus
-        # the savepoint pair TestCase wraps atomic blocks in): nothing else runs.
-        with self.assertNumQueries(4):
+        # One statement: its INSERT finds the event already there, so its UPDATE
+        # touches nothing (webhooks.services._record_in_one_statement).
+        with self.assertNumQueries(1):
             self.assertAccepted(self.post(body))
 
     def test_a_new_delivery_takes_few_queries(self) -> None:
         message = self.message()
-        # lookup, INSERT, conditional UPDATE, and the savepoint pair.
-        with self.assertNumQueries(5):
+        # The lookup, the INSERT and the conditional UPDATE are one statement, with no
+        # transaction of its own around it (a savepoint pair under TestCase).
+        with self.assertNumQueries(1):
             self.assertAccepted(self.post(for_message("delivery", message)))
 
     def test_different_events_for_one_message_are_each_stored(self) -> None:
@@ -202,6 +204,120 @@ class DeduplicationTests(WebhookTestCase):
         self.assertAccepted(self.post(for_message("open", message)))
         self.assertAccepted(self.post(for_message("open", message, ReceivedAt="2019-11-05T17:00:00Z")))
         self.assertEqual(TrackingEvent.objects.filter(event_type="opened").count(), 2)
+
+
+class OneStatementPathTests(WebhookTestCase):
+    """Events that suppress nothing (deliveries, opens, clicks, deferrals, blocks) are
+    recorded by one statement (webhooks.services._record_in_one_statement); events that
+    may suppress take the general path. Same outcomes either way."""
+
+    def snapshot(self, message: Message) -> tuple[object, ...]:
+        row = Message.objects.filter(pk=message.pk).values().get()
+        return row, list(TrackingEvent.objects.order_by("pk").values()), Suppression.objects.count()
+
+    def test_events_that_cannot_suppress_take_one_statement_and_the_others_more(self) -> None:
+        message = self.message()
+        for name in ("delivery", "open", "click", "transient", "blocked"):
+            with self.subTest(name=name), self.assertNumQueries(1):
+                self.assertAccepted(self.post(for_message(name, message)))
+        with CaptureQueriesContext(connection) as queries:
+            self.assertAccepted(self.post(for_message("bounce", message)))
+        self.assertGreater(len(queries), 1)
+        self.assertTrue(Suppression.objects.filter(email=message.to_email).exists())
+
+    def test_a_replayed_open_or_click_changes_nothing(self) -> None:
+        for name in ("open", "click"):
+            with self.subTest(name=name):
+                message = self.message(email=f"{name}@example.com")
+                body = for_message(name, message)
+                self.assertAccepted(self.post(body))
+                before = self.snapshot(message)
+                with time_machine.travel(timezone.now() + timedelta(hours=1)):
+                    self.assertAccepted(self.post(body))
+                self.assertEqual(self.snapshot(message), before)
+
+    def test_a_replay_after_the_message_moved_on_changes_nothing(self) -> None:
+        message = self.message()
+        delivery = for_message("delivery", message)
+        self.assertAccepted(self.post(delivery))
+        self.assertAccepted(self.post(for_message("click", message)))
+        before = self.snapshot(message)
+        self.assertAccepted(self.post(delivery))
+        self.assertEqual(self.snapshot(message), before)
+
+    def test_a_replay_moves_no_message_even_where_the_event_could(self) -> None:
+        # The message went back to the queue after its delivery was recorded (say, an
+        # operator's replay): the same event redelivered is still a replay, not news.
+        message = self.message()
+        delivery = for_message("delivery", message)
+        self.assertAccepted(self.post(delivery))
+        Message.objects.filter(pk=message.pk).update(status=Status.QUEUED, status_reason="requeued")
+        before = self.snapshot(message)
+        self.assertAccepted(self.post(delivery))
+        self.assertEqual(self.snapshot(message), before)
+
+    def test_an_event_for_an_unknown_message_is_stored_and_changes_no_message(self) -> None:
+        bystander = self.message()
+        before = Message.objects.filter(pk=bystander.pk).values().get()
+        body = for_message(
+            "open", bystander, MessageID="not-one-of-ours", Metadata={"mailauto_message_id": "999999999"}
+        )
+        self.assertAccepted(self.post(body))
+        event = TrackingEvent.objects.get()
+        self.assertIsNone(event.message_id)
+        self.assertEqual(event.esp_message_id, "not-one-of-ours")
+        self.assertEqual(event.event_type, TrackingEvent.EventType.OPENED)
+        self.assertEqual(Message.objects.filter(pk=bystander.pk).values().get(), before)
+
+    def test_an_unknown_metadata_id_falls_back_to_the_esp_message_id(self) -> None:
+        message = self.message()
+        body = for_message("delivery", message, Metadata={"mailauto_message_id": "999999999"})
+        self.assertAccepted(self.post(body))
+        self.assertEqual(TrackingEvent.objects.get().message_id, message.pk)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Status.DELIVERED)
+
+    def test_a_late_event_never_moves_a_refused_message_back(self) -> None:
+        for refusal, status in (("spam_complaint", Status.COMPLAINED), ("bounce", Status.BOUNCED)):
+            with self.subTest(refusal=refusal):
+                message = self.message(email=f"{refusal}@example.com")
+                self.assertAccepted(self.post(for_message(refusal, message)))
+                before = Message.objects.filter(pk=message.pk).values().get()
+                for later in ("delivery", "open", "click", "transient", "blocked"):
+                    self.assertAccepted(self.post(for_message(later, message)))
+                self.assertEqual(Message.objects.filter(pk=message.pk).values().get(), before)
+                self.assertEqual(before["status"], status)
+                self.assertEqual(TrackingEvent.objects.filter(message=message).count(), 6)
+
+    def test_an_isp_block_records_why_the_message_bounced(self) -> None:
+        message = self.message()
+        self.assertAccepted(self.post(for_message("blocked", message)))
+        message.refresh_from_db()
+        self.assertEqual(message.status, Status.BOUNCED)
+        self.assertEqual(
+            message.status_reason,
+            "rejected (webhook:postmark): The ISP has blocked this message because it was "
+            "suspected of being spam.",
+        )
+        event = TrackingEvent.objects.get()
+        self.assertEqual(event.event_type, TrackingEvent.EventType.REJECTED)
+        self.assertEqual(event.reject_reason, "blocked")
+        self.assertFalse(Suppression.objects.exists())
+
+    def test_the_stored_event_is_the_same_as_the_general_paths(self) -> None:
+        # The general path stores what a suppressing event says; the one-statement path
+        # must store a non-suppressing event's fields the same way (here: a click).
+        message = self.message()
+        body = for_message("click", message)
+        self.assertAccepted(self.post(body))
+        event = TrackingEvent.objects.get()
+        self.assertEqual(event.esp_event, body)
+        self.assertEqual(event.metadata, {"mailauto_message_id": str(message.pk)})
+        self.assertEqual(event.click_url, "https://example.com")
+        self.assertEqual(event.recipient, message.to_email)
+        self.assertEqual(event.message_id, message.pk)
+        self.assertRegex(event.esp_event_id, r"^sha256:[0-9a-f]{64}$")
+        self.assertIsNotNone(event.occurred_at.tzinfo)
 
 
 class SuppressionTests(WebhookTestCase):
@@ -483,3 +599,53 @@ class ConcurrencyTests(TransactionTestCase):
         self.assertEqual(sum(result is not None for result in results), 1)
         self.assertEqual(TrackingEvent.objects.count(), 1)
         self.assertEqual(SuppressionLogEntry.objects.count(), 1)
+
+    def test_the_same_delivery_racing_itself_is_stored_once(self) -> None:
+        start = threading.Barrier(4)
+        results: list[object] = []
+        errors: list[BaseException] = []
+
+        def record() -> None:
+            try:
+                event = self.event("delivery")
+                start.wait(timeout=30)
+                results.append(tracking_event_record(esp="postmark", event=event))
+            except BaseException as err:
+                errors.append(err)
+            finally:
+                connections.close_all()
+
+        threads = [threading.Thread(target=record) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+
+        self.assertEqual(errors, [])
+        self.assertEqual(sum(result is not None for result in results), 1)
+        self.assertEqual(TrackingEvent.objects.count(), 1)
+        self.message.refresh_from_db()
+        self.assertEqual(self.message.status, Status.DELIVERED)
+
+    def test_a_bounce_is_suppressed_for_everyone_before_the_webhook_is_answered(self) -> None:
+        # Committed, not merely written: another connection sees the suppression as soon
+        # as the 2xx is back (the hand-off UPDATE of a concurrent sender reads it there).
+        response = self.client.post(
+            "/webhooks/postmark/tracking/",
+            data=for_message("bounce", self.message),
+            content_type="application/json",
+            headers={"Authorization": basic_auth(str(settings.ANYMAIL["WEBHOOK_SECRET"]))},
+        )
+        self.assertEqual(response.status_code, 200, response.content)
+        seen: list[bool] = []
+
+        def look() -> None:
+            try:
+                seen.append(Suppression.objects.filter(email="ada@example.com").exists())
+            finally:
+                connections.close_all()
+
+        elsewhere = threading.Thread(target=look)
+        elsewhere.start()
+        elsewhere.join(timeout=30)
+        self.assertEqual(seen, [True])
