@@ -54,13 +54,18 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
+    # Sessions, auth and messages are Django's, except that they stand aside for the
+    # paths below (mailauto/lib/sessionless.py).
+    "mailauto.lib.sessionless.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "mailauto.lib.sessionless.AuthenticationMiddleware",
+    "mailauto.lib.sessionless.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# Machine endpoints: no cookies, no users, no flash messages. The ESP webhooks
+# (mailauto/urls.py mounts webhooks.urls here).
+SESSIONLESS_PATH_PREFIXES = ["/webhooks/"]
 
 ROOT_URLCONF = "mailauto.urls"
 WSGI_APPLICATION = "mailauto.wsgi.application"

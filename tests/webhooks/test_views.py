@@ -207,6 +207,18 @@ class BadInputTests(GuardTestCase):
         self.assertRejected({**for_message("delivery", self.sent), "Extra": {"k": "nul \x00 here"}})
         self.assertRejected({**for_message("delivery", self.sent), "MessageID": "x" * 300})
 
+    def test_a_malformed_delivery_open_or_click_is_400_and_changes_nothing(self) -> None:
+        # These take the one-statement path when well formed; bad input never reaches it.
+        cases: dict[str, dict[str, object]] = {
+            "delivery": {"Recipient": 5, "DeliveredAt": "soon", "Metadata": ["x"]},
+            "open": {"Recipient": None, "ReceivedAt": "today", "Metadata": {"a": {"b": 1}}},
+            "click": {"OriginalLink": 5, "Recipient": ["a@example.com"], "Details": "nul \x00"},
+        }
+        for name, fields in cases.items():
+            for field, value in fields.items():
+                with self.subTest(name=name, field=field):
+                    self.assertRejected({**for_message(name, self.sent), field: value})
+
     def test_an_unknown_record_type_is_stored_as_unknown(self) -> None:
         # Not an error: Postmark may add record types; refusing them would only make
         # Postmark retry for ever.
@@ -298,3 +310,21 @@ class LoggingQuietTests(GuardTestCase):
         for record in logs.records:
             text = " ".join([record.getMessage(), *(str(v) for v in record.__dict__.values())])
             self.assertNotIn(self.sent.to_email, text, record.name)
+
+
+class SessionlessTests(GuardTestCase):
+    def test_a_webhook_request_gets_no_session_user_or_messages_and_sets_no_cookie(self) -> None:
+        self.client.cookies["sessionid"] = "anything"
+        response = self.post(for_message("delivery", self.sent))
+        self.assertAccepted(response)
+        request = response.wsgi_request
+        for attribute in ("session", "user", "_messages"):
+            self.assertFalse(hasattr(request, attribute), attribute)
+        self.assertEqual(dict(response.cookies), {})
+
+    def test_other_paths_keep_sessions_and_users(self) -> None:
+        response = self.client.get("/admin/login/")
+        self.assertEqual(response.status_code, 200)
+        self.assertTrue(hasattr(response.wsgi_request, "session"))
+        self.assertTrue(hasattr(response.wsgi_request, "user"))
+        self.assertIn("csrftoken", response.cookies)
