@@ -35,6 +35,7 @@ migrate: install
 # Everything on the embedded defaults (SQLite, a filesystem broker, the ESP sandbox)
 # unless DATABASE_URL / REDIS_URL are set. Ctrl-C stops all processes.
 run: migrate
+	$(PY) manage.py collectstatic --noinput --verbosity 0
 	$(PY) manage.py ensure_admin
 	$(PY) manage.py load_demo
 	$(VENV)/bin/honcho start -f Procfile

@@ -103,6 +103,9 @@ def procfile_command(name: str) -> list[str]:
 
 def web_command(port: int) -> list[str]:
     argv = procfile_command("web")
+    if "--port" in argv:  # granian, gunicorn-style options
+        argv[argv.index("--port") + 1] = str(port)
+        return argv
     # runserver's addrport: the one argument that is host:port.
     return [f"127.0.0.1:{port}" if _is_addrport(arg) else arg for arg in argv]
 

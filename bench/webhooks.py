@@ -1,23 +1,34 @@
 """Webhook throughput: distinct Postmark Delivery webhooks for existing messages, POSTed
-through the whole HTTP stack (Django's threaded WSGI server in a subprocess, the
-middleware, rate limiting, basic auth, Anymail's parsing, our receiver and Postgres),
-compared with the same POSTs to a Django view that does nothing: the ceiling of the HTTP
-stack on this machine, measured in the same run.
+through the whole HTTP stack (a WSGI server in subprocesses, the middleware, rate
+limiting, basic auth, Anymail's parsing, our receiver and Postgres), compared with the
+same POSTs to a Django view that does nothing, served by the same server in the same
+run: the ceiling of the HTTP stack on this machine.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/mailauto REDIS_URL=redis://127.0.0.1:6379/15 \\
-        .venv/bin/python bench/webhooks.py [--webhooks 20000] [--clients 16] [--processes 1]
+        .venv/bin/python bench/webhooks.py [--server granian] [--processes 2] [--webhooks 20000]
+
+Servers: "granian" (the default, and the production server: a Rust HTTP server calling
+the WSGI app from --threads threads in each of --processes workers; HTTP/1.1
+keep-alive), "gunicorn" (sync workers: one request at a time per process, a new
+connection per request), "runserver" (Django's threaded development server, one
+process per --processes sharing the port; HTTP/1.1 keep-alive). gunicorn is not in
+requirements/ (measured here: more CPU per webhook than granian); install it to compare.
+The client is a raw-socket HTTP/1.1 client in threads of this process (it shares the
+cores with the server, so it is kept light).
 
 It works in a throwaway database (<name>_bench_webhooks, every table built from the
 models) that it drops afterwards. Besides the rates it prints the CPU time each party
-spent per request (the server, Postgres, Redis, the client threads), read from /proc,
-which says what limits the figure. It never passes or fails on time.
+spent per request (the server's processes, Postgres, Redis, the client), read from
+/proc, which says what limits the figure, and the SQL statements per webhook. It never
+passes or fails on time.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import http.client
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shlex
@@ -38,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 NOOP_PATH = "/_bench/noop/"
 WEBHOOK_PATH = "/webhooks/postmark/tracking/"
 WARMUP = 400
+STATEMENT_COUNT = 20
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -53,6 +65,23 @@ def __getattr__(name: str) -> Any:
 
         return [path(NOOP_PATH.strip("/") + "/", _noop_view), path("", include("mailauto.urls"))]
     raise AttributeError(name)
+
+
+def wsgi_app() -> Any:
+    """The WSGI application for granian and gunicorn (a factory: "bench.webhooks:wsgi_app"):
+    the project's settings, with this module as the URLconf."""
+    import logging
+
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.wsgi import get_wsgi_application
+
+    settings.ROOT_URLCONF = __name__
+    app = get_wsgi_application()
+    logging.getLogger("gunicorn.access").setLevel(logging.WARNING)
+    return app
 
 
 def _noop_view(request: Any) -> Any:
@@ -172,20 +201,34 @@ def _bench_backends() -> list[int]:
 
 
 def cpu_snapshot(servers: list[int]) -> dict[int, tuple[str, float, float]]:
-    """pid -> (party, CPU seconds, of which in the kernel) for the server processes, the
-    Postgres backends of the benchmark's database, every redis-server, and this process
-    (the client threads)."""
+    """pid -> (party, CPU seconds, of which in the kernel) for the server processes and
+    their children (gunicorn's workers), the Postgres backends of the benchmark's
+    database, every redis-server, and this process (the client threads)."""
     backends = set(_bench_backends())
-    snapshot: dict[int, tuple[str, float, float]] = {}
+    stats: dict[int, tuple[str, int, float, float]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        pid = int(entry)
         try:
-            name, user, system = _proc_cpu_seconds(pid)
-        except (OSError, ValueError, IndexError):
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
             continue  # gone meanwhile
-        if pid in servers:
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        stats[int(entry)] = (
+            name,
+            int(fields[1]),
+            int(fields[11]) / CLOCK_TICKS,
+            int(fields[12]) / CLOCK_TICKS,
+        )
+    serving = set(servers)
+    for pid, (_, parent, _, _) in stats.items():
+        if parent in serving:
+            serving.add(pid)
+    snapshot: dict[int, tuple[str, float, float]] = {}
+    for pid, (name, _, user, system) in stats.items():
+        if pid in serving:
             snapshot[pid] = ("server", user + system, system)
         elif pid in backends:
             snapshot[pid] = ("postgres", user + system, system)
@@ -220,47 +263,103 @@ class Run:
         return n / self.seconds
 
 
+class RawConnection:
+    """A minimal HTTP/1.1 client connection: sends a prepared request in one write and
+    reads the status, Content-Length (or chunked) body, and whether the server closes.
+    Reconnects when the server closed (gunicorn's sync workers close after every
+    response). http.client costs several times more CPU per request, and this client
+    shares the cores with the server it measures."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.buffer = b""
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.buffer = sock, b""
+        return sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.buffer = None, b""
+
+    def _fill(self, sock: socket.socket) -> None:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self.buffer += data
+
+    def exchange(self, request: bytes) -> int:
+        sock = self.sock or self.connect()
+        sock.sendall(request)
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill(sock)
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip().lower()
+        if b"content-length" in headers:
+            length = int(headers[b"content-length"])
+            while len(self.buffer) < length:
+                self._fill(sock)
+            self.buffer = self.buffer[length:]
+        elif headers.get(b"transfer-encoding") == b"chunked":
+            while True:
+                while b"\r\n" not in self.buffer:
+                    self._fill(sock)
+                size_line, _, self.buffer = self.buffer.partition(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                while len(self.buffer) < size + 2:
+                    self._fill(sock)
+                self.buffer = self.buffer[size + 2 :]
+                if size == 0:
+                    break
+        if headers.get(b"connection") == b"close":
+            self.close()
+        return status
+
+
 def post_all(port: int, path: str, bodies: list[bytes], clients: int, auth: str, servers: list[int]) -> Run:
-    """POST every body from `clients` threads, each on one kept-alive connection.
-    Returns the wall time from the first request to the last answer, the statuses and
-    the CPU time each party spent meanwhile."""
+    """POST every body from `clients` threads, each on its own connection (kept alive
+    where the server allows). Returns the wall time from the first request to the last
+    answer, the statuses and the CPU time each party spent meanwhile."""
     statuses: Counter[int | str] = Counter()
     lock = threading.Lock()
     start, finished = threading.Barrier(clients + 1), threading.Barrier(clients + 1)
     may_close = threading.Event()
-    headers = {"Content-Type": "application/json", "Authorization": auth, "User-Agent": "Postmark"}
-
-    def connect() -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.connect()
-        # http.client sends the headers and the body separately: without NODELAY,
-        # Nagle holds the body back until the server's delayed ACK.
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: {auth}\r\nUser-Agent: Postmark\r\n"
+    )
+    # Built before the clock starts: the client's own CPU per request stays small.
+    requests = [f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body for body in bodies]
 
     def client(share: list[bytes]) -> None:
         seen: Counter[int | str] = Counter()
-        conn = connect()
+        conn = RawConnection(port)
+        conn.connect()
         start.wait()
-        for body in share:
+        for request in share:
             try:
-                conn.request("POST", path, body=body, headers=headers)
-                response = conn.getresponse()
-                response.read()
-                seen[response.status] += 1
-            except (OSError, http.client.HTTPException) as err:
+                seen[conn.exchange(request)] += 1
+            except (OSError, ValueError, IndexError) as err:
                 seen[type(err).__name__] += 1
                 conn.close()
-                conn = connect()
         with lock:
             statuses.update(seen)
         finished.wait()
-        # Keep the connection (so the server thread and its database connection) until
-        # the CPU they used has been read.
+        # Keep the connection (so a keep-alive server's thread and its database
+        # connection) until the CPU they used has been read.
         may_close.wait()
         conn.close()
 
-    threads = [threading.Thread(target=client, args=(bodies[i::clients],)) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(requests[i::clients],)) for i in range(clients)]
     for thread in threads:
         thread.start()
     before = cpu_snapshot(servers)
@@ -305,8 +404,52 @@ class CpuSampler(threading.Thread):
         return self.latest
 
 
-def start_servers(count: int, env: dict[str, str]) -> tuple[list[subprocess.Popen[str]], int]:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, servers: list[subprocess.Popen[str]]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(server.poll() is not None for server in servers):
+            break
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    for server in servers:
+        server.kill()
+    raise SystemExit("the server did not start")
+
+
+def start_servers(
+    kind: str, count: int, threads: int, env: dict[str, str]
+) -> tuple[list[subprocess.Popen[str]], int]:
+    """Start the server: granian with `count` workers of `threads` threads, gunicorn with
+    `count` sync workers, or `count` runserver-style processes sharing one port."""
     servers: list[subprocess.Popen[str]] = []
+    if kind in ("granian", "gunicorn") and importlib.util.find_spec(kind) is None:
+        raise SystemExit(f"--server {kind} needs {kind} installed (.venv/bin/pip install {kind})")
+    if kind in ("granian", "gunicorn"):
+        port = _free_port()
+        if kind == "granian":
+            command = [
+                *(sys.executable, "-m", "granian", "--interface", "wsgi", "--workers", str(count)),
+                *("--blocking-threads", str(threads), "--port", str(port), "--factory"),
+                *("--log-level", "warning", "--no-ws", "bench.webhooks:wsgi_app"),
+            ]
+        else:
+            command = [
+                *(sys.executable, "-m", "gunicorn", "--workers", str(count), "--worker-class", "sync"),
+                *("--bind", f"127.0.0.1:{port}", "--log-level", "warning", "--backlog", "2048"),
+                "bench.webhooks:wsgi_app()",
+            ]
+        servers.append(subprocess.Popen(command, env=env, text=True, cwd=ROOT))
+        _wait_for_port(port, servers)
+        return servers, port
     port = 0
     for _ in range(count):
         server = subprocess.Popen(
@@ -325,6 +468,34 @@ def start_servers(count: int, env: dict[str, str]) -> tuple[list[subprocess.Pope
             raise SystemExit(f"the server did not start: {line!r}")
         port = int(line.split()[1])
     return servers, port
+
+
+def server_description(kind: str, count: int, threads: int) -> str:
+    if kind == "granian":
+        version = importlib.metadata.version("granian")
+        return (
+            f"granian {version} (WSGI), {count} worker process(es) of {threads} threads, HTTP/1.1 keep-alive"
+        )
+    if kind == "gunicorn":
+        version = importlib.metadata.version("gunicorn")
+        return f"gunicorn {version}, {count} sync worker process(es), a new connection per request"
+    return f"Django's threaded WSGI server (runserver's), {count} process(es), HTTP/1.1 keep-alive"
+
+
+def statements_per_webhook(bodies: list[bytes], auth: str) -> float:
+    """SQL statements Django runs for one webhook, counted in this process through the
+    same code path (Django's test client, the same URLconf); the connection health check
+    (CONN_HEALTH_CHECKS, one SELECT 1 per request on a reused connection) is not counted."""
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext, override_settings
+
+    client = Client(HTTP_AUTHORIZATION=auth, HTTP_USER_AGENT="Postmark")
+    with override_settings(ROOT_URLCONF=__name__), CaptureQueriesContext(connection) as queries:
+        for body in bodies:
+            response = client.post(WEBHOOK_PATH, data=body, content_type="application/json")
+            assert response.status_code == 200, response.content
+    return len(queries.captured_queries) / len(bodies)
 
 
 def describe(label: str, run: Run, n: int) -> str:
@@ -346,7 +517,22 @@ def main() -> None:
         "--clients", type=int, default=16, help="client threads, one connection each (default 16)"
     )
     parser.add_argument(
-        "--processes", type=int, default=1, help="server processes sharing the port (default 1)"
+        "--server",
+        choices=["granian", "gunicorn", "runserver"],
+        default="granian",
+        help="the WSGI server (default granian, as in production; see the module docstring)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="server processes: granian or gunicorn workers, or runserver processes (default 2)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=8,
+        help="granian's threads per worker (default 8): they overlap the wait for each commit's fsync",
     )
     args = parser.parse_args()
 
@@ -373,7 +559,10 @@ def main() -> None:
     connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
     servers: list[subprocess.Popen[str]] = []
     try:
-        bodies = seed(args.webhooks + WARMUP)
+        bodies = seed(args.webhooks + WARMUP + STATEMENT_COUNT)
+        auth = "Basic " + base64.b64encode(str(settings.ANYMAIL["WEBHOOK_SECRET"]).encode()).decode()
+        statements = statements_per_webhook(bodies[-STATEMENT_COUNT:], auth)
+        bodies = bodies[:-STATEMENT_COUNT]
         connection.close()
         warmup, bodies = bodies[:WARMUP], bodies[WARMUP:]
         password = f":{db['PASSWORD']}" if db["PASSWORD"] else ""
@@ -382,9 +571,8 @@ def main() -> None:
             "DATABASE_URL": f"postgres://{db['USER']}{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
             "PYTHONUNBUFFERED": "1",
         }
-        servers, port = start_servers(args.processes, env)
+        servers, port = start_servers(args.server, args.processes, args.threads, env)
         pids = [server.pid for server in servers]
-        auth = "Basic " + base64.b64encode(str(settings.ANYMAIL["WEBHOOK_SECRET"]).encode()).decode()
 
         # Warm up: server threads, database connections, imports, caches.
         post_all(port, NOOP_PATH, warmup, args.clients, auth, pids)
@@ -394,8 +582,8 @@ def main() -> None:
         baseline = post_all(port, NOOP_PATH, bodies, args.clients, auth, pids)
         webhooks = post_all(port, WEBHOOK_PATH, bodies, args.clients, auth, pids)
 
-        stored = TrackingEvent.objects.count() - WARMUP
-        delivered = Message.objects.filter(status=Message.Status.DELIVERED).count() - WARMUP
+        stored = TrackingEvent.objects.count() - WARMUP - STATEMENT_COUNT
+        delivered = Message.objects.filter(status=Message.Status.DELIVERED).count() - WARMUP - STATEMENT_COUNT
         command = " ".join(
             [
                 *(
@@ -412,13 +600,17 @@ def main() -> None:
         print(f"command: {command}")
         print(
             f"setup: {n:,} distinct Postmark Delivery webhooks for existing messages; {args.clients} client "
-            f"threads with keep-alive; Django's threaded WSGI server, {args.processes} process(es); Postgres, "
+            f"threads (raw HTTP/1.1); {server_description(args.server, args.processes, args.threads)}; Postgres, "
             f"{'Redis' if os.environ.get('REDIS_URL') else 'a file cache'} for the rate limit; "
             f"{os.cpu_count()} cores, load average {load}"
         )
         print(describe("baseline, a Django view that does nothing", baseline, n))
         print(describe(f"webhooks, {WEBHOOK_PATH}", webhooks, n))
         print(f"ratio webhooks / baseline: {webhooks.rate(n) / baseline.rate(n):.2f}")
+        print(
+            f"SQL statements per webhook: {statements:.2f} (Django's count, in-process, "
+            f"{STATEMENT_COUNT} webhooks; plus the connection health check's SELECT 1)"
+        )
         print(
             f"check: {stored:,} tracking events stored, {delivered:,} messages advanced to delivered (of {n:,})"
         )
