@@ -22,6 +22,7 @@ from campaigns.rendering.limits import (
     MAX_FORMAT_CHARS,
     MAX_PAD_WIDTH,
     _charge,
+    _charge_work,
     _LimitExceeded,
 )
 
@@ -173,7 +174,7 @@ def _guarded(func: Any) -> Any:
 
     @functools.wraps(func)  # keeps is_safe/needs_autoescape and, via __wrapped__, the signature
     def guarded(value: Any, *args: Any, **kwargs: Any) -> Any:
-        _charge(work=1)
+        _charge_work()
         try:
             result = func(value, *args, **kwargs)
         except _LimitExceeded:

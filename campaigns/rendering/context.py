@@ -12,10 +12,30 @@ from django.core.serializers.json import DjangoJSONEncoder
 ALLOWED_ROOTS = ("contact", "event", "payload", "links")
 
 
-def _plain_json(value: Any) -> Any:
+def _plain_json(value: Any, depth: int = 0) -> Any:
     """dict/list/str/int/float/bool/None only: dates become ISO strings (and the date
-    filter reads them back), anything else that JSON cannot hold raises TypeError."""
+    filter reads them back), anything else that JSON cannot hold raises TypeError.
+
+    The same result as json.loads(json.dumps(value, cls=DjangoJSONEncoder)), a fresh
+    copy, without the round trip for what is plain already (every email's context is
+    checked twice, in build_context and in render_email). Exact types only: a str
+    subclass such as SafeString must come out as a plain str, or it would skip
+    autoescaping. Anything else, including a dict with a non-string key, goes through
+    the JSON round trip itself."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or kind is float or value is None:
+        return value
+    if depth < _MAX_WALK_DEPTH:
+        if kind is dict and all(type(key) is str for key in value):
+            return {key: _plain_json(item, depth + 1) for key, item in value.items()}
+        if kind is list or kind is tuple:
+            return [_plain_json(item, depth + 1) for item in value]
     return json.loads(json.dumps(value, cls=DjangoJSONEncoder))
+
+
+# Deeper than this, the rest goes through json (which also reports a circular structure
+# as ValueError, as before, instead of recursing forever).
+_MAX_WALK_DEPTH = 50
 
 
 def _field_path(path: str) -> tuple[str, ...]:

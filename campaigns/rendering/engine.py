@@ -43,7 +43,7 @@ from campaigns.rendering.allowlist import (
     _library,
 )
 from campaigns.rendering.context import ALLOWED_ROOTS
-from campaigns.rendering.limits import MAX_NESTING, MAX_SOURCE_CHARS, _charge
+from campaigns.rendering.limits import _BUDGET, MAX_NESTING, MAX_SOURCE_CHARS
 
 # --- Nodes: every node render is charged ----------------------------------------------
 
@@ -51,22 +51,44 @@ _OUTPUT_NODES = (TextNode, VariableNode, CycleNode, FirstOfNode, NowNode, WidthR
 
 
 class _BudgetedNode(Node):
+    # Set per budgeted class: containers' output is their children's, already charged.
+    _charges_output: ClassVar[bool] = False
+
     def render_annotated(self, context: Context) -> str:
+        # The hottest method of a render (every node of every email): one lookup of
+        # the budget, and the two charges that _charge(work=1) / _charge(output=...)
+        # would make.
+        budget = _BUDGET.get()
+        if budget is None:
+            return cast(str, super().render_annotated(context))
         lineno = self.token.lineno if self.token is not None else None
-        _charge(work=1, lineno=lineno)
+        budget.charge_work(lineno)
         output = cast(str, super().render_annotated(context))
-        if isinstance(self, _OUTPUT_NODES):  # containers' output is their children's
-            _charge(output=len(output), lineno=lineno)
+        if self._charges_output:
+            budget.charge_output(len(output), lineno)
         return output
 
 
-_BUDGETED_CLASSES: dict[type[Node], type[Node]] = {}
+class _BudgetedTextNode(TextNode):
+    # The same charges as _BudgetedNode, for the commonest node: its output is known.
+    def render_annotated(self, context: Context) -> str:
+        budget = _BUDGET.get()
+        if budget is not None:
+            lineno = self.token.lineno if self.token is not None else None
+            budget.charge_work(lineno)
+            budget.charge_output(len(self.s), lineno)
+        return self.s
+
+
+_BUDGETED_CLASSES: dict[type[Node], type[Node]] = {TextNode: _BudgetedTextNode}
 
 
 def _budgeted_class(cls: type[Node]) -> type[Node]:
     if cls not in _BUDGETED_CLASSES:
         _BUDGETED_CLASSES[cls] = type(
-            f"Budgeted{cls.__name__}", (_BudgetedNode, cls), {"__module__": __name__}
+            f"Budgeted{cls.__name__}",
+            (_BudgetedNode, cls),
+            {"__module__": __name__, "_charges_output": issubclass(cls, _OUTPUT_NODES)},
         )
     return _BUDGETED_CLASSES[cls]
 

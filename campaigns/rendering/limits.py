@@ -64,6 +64,30 @@ class _RenderBudget:
         if self.exceeded is not None:
             raise _LimitExceeded(f"the template is too expensive to render: {self.exceeded}", lineno)
 
+    # charge(work=1) and charge(output=n), for the hot paths (every node render, every
+    # filter call). The same checks in the same order: while nothing is exceeded every
+    # counter is within its limit, so only the counter that grows and the deadline can
+    # change the outcome.
+    def charge_work(self, lineno: int | None = None) -> None:
+        if self.exceeded is None:
+            self.work += 1
+            if self.work > MAX_WORK:
+                self.exceeded = f"more than {MAX_WORK:,} tags, variables and filters evaluated"
+            elif time.monotonic() > self.deadline:
+                self.exceeded = f"rendering took longer than {RENDER_DEADLINE_SECONDS:g} seconds"
+        if self.exceeded is not None:
+            raise _LimitExceeded(f"the template is too expensive to render: {self.exceeded}", lineno)
+
+    def charge_output(self, output: int, lineno: int | None = None) -> None:
+        if self.exceeded is None:
+            self.output += output
+            if self.output > MAX_OUTPUT_CHARS:
+                self.exceeded = f"more than {MAX_OUTPUT_CHARS:,} characters of output"
+            elif time.monotonic() > self.deadline:
+                self.exceeded = f"rendering took longer than {RENDER_DEADLINE_SECONDS:g} seconds"
+        if self.exceeded is not None:
+            raise _LimitExceeded(f"the template is too expensive to render: {self.exceeded}", lineno)
+
 
 # A context variable rather than an argument: filters are called by Django without the
 # template context, and must still be charged.
@@ -74,3 +98,10 @@ def _charge(**amounts: Any) -> None:
     budget = _BUDGET.get()
     if budget is not None:
         budget.charge(**amounts)
+
+
+def _charge_work() -> None:
+    """_charge(work=1), without the keyword packing: every filter call."""
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.charge_work()

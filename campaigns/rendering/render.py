@@ -8,16 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.template import Context
-from django.template.loader import render_to_string
 from django.utils.safestring import mark_safe
 
 from campaigns.rendering.context import ALLOWED_ROOTS, _plain_json
 from campaigns.rendering.engine import _compile, _Compiled, _CompileFailed
+from campaigns.rendering.layout import LAYOUT_LINKS, render_layout
 from campaigns.rendering.limits import _BUDGET, _LimitExceeded, _RenderBudget
 from campaigns.rendering.sanitize import _sanitize_email_html
 from campaigns.rendering.text import _clean_subject, _html_to_text, _tidy_text
-
-LAYOUT_LINKS = ("unsubscribe_url", "preferences_url", "view_in_browser_url")
 
 
 class TemplateRejected(Exception):
@@ -115,6 +113,6 @@ def render_email(*, subject: str, html: str, text: str = "", context: dict[str, 
     return RenderedEmail(
         subject=subject_line,
         # mark_safe: body_html is the output of _sanitize_email_html, just above.
-        html=render_to_string("email/layout.html", {**layout, "body": mark_safe(body_html)}),  # noqa: S308
-        text=_tidy_text(render_to_string("email/layout.txt", {**layout, "body": body_text})) + "\n",
+        html=render_layout("email/layout.html", {**layout, "body": mark_safe(body_html)}),  # noqa: S308
+        text=_tidy_text(render_layout("email/layout.txt", {**layout, "body": body_text})) + "\n",
     )

@@ -3,6 +3,8 @@ style properties and URL schemes), and the sanitiser itself."""
 
 from __future__ import annotations
 
+import re
+
 import nh3
 
 
@@ -56,27 +58,36 @@ _STYLE_RED_FLAGS = ("url(", "expression(", "javascript:", "\\", "@import", "/*")
 _URL_PREFIXES = {"href": ("https://", "http://", "mailto:"), "src": ("https://", "http://")}
 
 
+_STYLE_RED_FLAG = re.compile("|".join(re.escape(flag) for flag in _STYLE_RED_FLAGS))
+
+
 def _filter_attribute(tag: str, attribute: str, value: str) -> str | None:
-    if attribute == "style" and any(flag in value.lower() for flag in _STYLE_RED_FLAGS):
-        return None
+    # Called by nh3 for every kept attribute (dozens per email): one regex search on
+    # the lower-cased value rather than a lower() per red flag.
+    if attribute == "style":
+        return None if _STYLE_RED_FLAG.search(value.lower()) else value
     # nh3's url_schemes is one list for every URL attribute: mailto: must not be an image.
-    if attribute in _URL_PREFIXES and not value.strip().lower().startswith(_URL_PREFIXES[attribute]):
+    prefixes = _URL_PREFIXES.get(attribute)
+    if prefixes is not None and not value.strip().lower().startswith(prefixes):
         return None
     return value
 
 
+# Argument names and semantics: nh3.Cleaner's docstring (nh3 0.3.8,
+# https://nh3.readthedocs.io/en/latest/#nh3.Cleaner). One Cleaner built at import: the
+# same options as nh3.clean() with them, without rebuilding the rule set per email.
+_CLEANER = nh3.Cleaner(
+    tags=set(_EMAIL_TAGS),
+    clean_content_tags=set(_REMOVED_WITH_CONTENT),
+    attributes={tag: set(names) for tag, names in _EMAIL_ATTRIBUTES.items()},
+    attribute_filter=_filter_attribute,
+    url_schemes={"http", "https", "mailto"},
+    url_relative="deny",  # a relative URL means nothing in a mailbox
+    link_rel="noopener noreferrer",
+    filter_style_properties=set(_EMAIL_STYLE_PROPERTIES),
+    strip_comments=True,  # also drops Outlook's <!--[if mso]> blocks
+)
+
+
 def _sanitize_email_html(html: str) -> str:
-    # Argument names and semantics: nh3.clean's docstring (nh3 0.3.8,
-    # https://nh3.readthedocs.io/en/latest/#nh3.clean).
-    return nh3.clean(
-        html,
-        tags=set(_EMAIL_TAGS),
-        clean_content_tags=set(_REMOVED_WITH_CONTENT),
-        attributes={tag: set(names) for tag, names in _EMAIL_ATTRIBUTES.items()},
-        attribute_filter=_filter_attribute,
-        url_schemes={"http", "https", "mailto"},
-        url_relative="deny",  # a relative URL means nothing in a mailbox
-        link_rel="noopener noreferrer",
-        filter_style_properties=set(_EMAIL_STYLE_PROPERTIES),
-        strip_comments=True,  # also drops Outlook's <!--[if mso]> blocks
-    )
+    return _CLEANER.clean(html)

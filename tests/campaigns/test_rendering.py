@@ -4,11 +4,15 @@ layouts, the text part and the context. No database: rendering is pure."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.template import engines
+from django.template.loader import render_to_string
+from django.utils.safestring import mark_safe
 
 from campaigns.rendering import (
     MAX_LOOP_ITERATIONS,
@@ -21,6 +25,7 @@ from campaigns.rendering import (
     render_email,
     validate_template,
 )
+from campaigns.rendering.layout import render_layout
 
 XSS = "<script>alert(1)</script>"
 UNSUBSCRIBE_URL = "https://mail.example.test/u/abc123"
@@ -194,6 +199,65 @@ def test_subject_is_one_line_without_control_characters_and_capped():
 
     assert email.subject == "Hi Ada Bcc: x@evil.test !"
     assert len(long.subject) == MAX_SUBJECT_CHARS
+
+
+LAYOUT_LINK_VALUES = {
+    "unsubscribe_url": "https://mail.example.test/u/a&b\"<'>",
+    "preferences_url": "https://mail.example.test/p/abc",
+    "view_in_browser_url": "http://view.example.test/?a=1&b=2",
+}
+
+
+@pytest.mark.parametrize("name", ["email/layout.html", "email/layout.txt"])
+def test_layout_filled_in_per_shape_is_what_django_renders(name: str):
+    # The layouts are rendered once per shape (which values are set) and filled in;
+    # every shape, with values that need escaping, must match Django's own render.
+    for count in range(len(LAYOUT_LINK_VALUES) + 1):
+        for names in itertools.combinations(LAYOUT_LINK_VALUES, count):
+            for subject in ("Tom & Jerry <b>'\"", ""):
+                for body in (mark_safe("<p>a &amp; b</p>"), "x < y & \x00mailauto-layout-slot-0&\x00", ""):
+                    context = {
+                        "subject": subject,
+                        "links": {link: LAYOUT_LINK_VALUES[link] for link in names},
+                        "body": body,
+                    }
+                    assert render_layout(name, context) == render_to_string(name, context), context
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("{% if subject == 'Hi' %}greeting: {% endif %}{{ subject }}|{{ body }}", "greeting: Hi|b"),
+        ("{{ subject|upper }}|{{ body|length }}", "HI|1"),
+        ("{% with s=subject %}{{ s }}{% endwith %}|{{ body }}", "Hi|b"),
+    ],
+)
+def test_a_layout_that_does_more_than_print_and_test_values_is_rendered_by_django(
+    source: str, expected: str, tmp_path, settings
+):
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "layout.html").write_text(source)
+    settings.TEMPLATES = [{**settings.TEMPLATES[0], "DIRS": [tmp_path], "APP_DIRS": False}]
+
+    for subject in ("Hi", "Bye & <go>", "Hi"):
+        context = {"subject": subject, "links": {}, "body": "b"}
+        assert render_layout("email/layout.html", context) == render_to_string("email/layout.html", context)
+    assert render_layout("email/layout.html", {"subject": "Hi", "links": {}, "body": "b"}) == expected
+
+
+def test_an_edited_layout_is_not_served_from_the_shapes_of_the_old_one(tmp_path, settings):
+    layout = tmp_path / "email" / "layout.html"
+    layout.parent.mkdir()
+    layout.write_text("old: {{ subject }}")
+    settings.TEMPLATES = [{**settings.TEMPLATES[0], "DIRS": [tmp_path], "APP_DIRS": False}]
+    context = {"subject": "Hi", "links": {}, "body": "b"}
+    assert render_layout("email/layout.html", context) == "old: Hi"
+
+    layout.write_text("new: {{ subject }}")
+    for loader in engines["django"].engine.template_loaders:  # what the autoreloader does
+        loader.reset()
+
+    assert render_layout("email/layout.html", context) == "new: Hi"
 
 
 # --- validation ------------------------------------------------------------------------
@@ -427,6 +491,57 @@ def test_context_is_forced_to_plain_json():
             sensitive_fields=set(),
             declared_fields=set(),
         )
+
+
+def test_marked_safe_strings_in_the_context_are_escaped_like_any_other_data():
+    # A str subclass such as SafeString must not survive into the context: it would
+    # skip autoescaping.
+    email = render(
+        "<p>{{ contact.first_name }} {{ payload.items.0 }}</p>",
+        contact={"first_name": mark_safe(XSS)},
+        payload={"items": [mark_safe('<img src=x onerror="alert(1)">')]},
+    )
+
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body_of(email)
+    assert '&lt;img src=x onerror="alert(1)"&gt;' in body_of(email)
+    assert "<script" not in email.html
+    assert "<img" not in body_of(email)
+
+
+def test_plain_json_copies_instead_of_sharing_the_callers_data():
+    payload = {"items": [{"name": "a"}]}
+    context = build_context(
+        contact={}, event={}, payload=payload, links={}, sensitive_fields=set(), declared_fields=set()
+    )
+    context["payload"]["items"][0]["name"] = "changed"
+
+    assert payload == {"items": [{"name": "a"}]}
+
+
+def test_plain_json_turns_non_string_keys_into_strings_as_json_does():
+    context = build_context(
+        contact={1: "one", "2": "two"},
+        event={"nested": {"when": dt.date(2024, 5, 1)}},
+        payload={},
+        links={},
+        sensitive_fields=set(),
+        declared_fields=set(),
+    )
+
+    assert context["contact"] == {"1": "one", "2": "two"}
+    assert context["event"] == {"nested": {"when": "2024-05-01"}}
+
+
+def test_styles_with_a_red_flag_in_any_case_are_dropped_whole():
+    email = render(
+        '<p style="color:red;width:EXPRESSION(alert(1))">a</p><p style="COLOR:red;Background:URL(x)">b</p>'
+        '<p style="color:red">c</p><img src="mailto:a@b.test" alt="i"><a href="MAILTO:a@b.test">m</a>'
+    )
+
+    assert body_of(email) == (
+        '<p>a</p><p>b</p><p style="color:red">c</p><img alt="i">'
+        '<a href="MAILTO:a@b.test" rel="noopener noreferrer">m</a>'
+    )
 
 
 # --- SSTI corpus -----------------------------------------------------------------------
