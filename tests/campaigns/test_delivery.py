@@ -9,7 +9,9 @@ from unittest import mock
 import pytest
 import requests
 from anymail.exceptions import AnymailAPIError, AnymailRecipientsRefused
+from django.db import connection
 from django.test import TestCase, override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from campaigns.delivery import (
@@ -85,6 +87,38 @@ class SendTests(SandboxTestCase):
         [accepted] = self.sandbox.messages()
         self.assertNotIn("4242", accepted["html"])
         self.assertNotIn("4242", accepted["text"])
+
+    def test_each_event_type_in_a_batch_withholds_its_own_sensitive_fields(self) -> None:
+        # A batch remembers each event type's sensitive fields: per type, not per batch.
+        open_type = factories.event_type(
+            name="order.placed", schema={"fields": {"card_last4": {"type": "string"}}}
+        )
+        open_event = factories.outbox_event(open_type, "u-2", {"plan": "team", "card_last4": "1111"})
+        bob = factories.contact(user_id="u-2", email="bob@example.com")
+        self.queued()
+        factories.message(self.version, bob, open_event)
+        self.queued()
+
+        self.assertEqual(messages_send_batch().sent, 3)
+
+        html = sorted(accepted["html"] for accepted in self.sandbox.messages())
+        self.assertIn("Plan: pro", html[0])
+        self.assertIn("Plan: pro", html[1])
+        self.assertIn("Plan: team", html[2])
+        self.assertNotIn("4242", html[0] + html[1])
+        self.assertIn("Card: 1111", html[2])
+
+    def test_a_batch_is_sent_in_a_number_of_queries_that_does_not_grow_with_its_size(self) -> None:
+        # Catches a per-message query, e.g. reading a column that messages_claim defers.
+        def queries_to_send(count: int) -> int:
+            for _ in range(count):
+                self.queued()
+            with CaptureQueriesContext(connection) as queries:
+                self.assertEqual(messages_send_batch().sent, count)
+            return len(queries.captured_queries)
+
+        queries_to_send(1)  # warm the caches
+        self.assertEqual(queries_to_send(1), queries_to_send(5))
 
     def test_declared_sensitive_field_is_rendered(self) -> None:
         version = factories.published_version(
