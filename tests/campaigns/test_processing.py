@@ -6,12 +6,14 @@ import threading
 from datetime import timedelta
 from unittest import mock
 
-from django.db import connection
+from django.db import connection, transaction
 from django.test import TestCase, TransactionTestCase, override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from campaigns.models import Message, OutboxEvent
-from campaigns.processing import event_fail, events_claim, events_process_batch, events_replay
+from campaigns import processing
+from campaigns.models import Contact, Message, OutboxEvent
+from campaigns.processing import event_fail, event_plan, events_claim, events_process_batch, events_replay
 from suppression.services import suppression_add
 from tests import factories
 
@@ -115,6 +117,73 @@ class ProcessingTests(TestCase):
             # savepoint, one INSERT, one UPDATE, release.
             result = events_process_batch()
         self.assertEqual(result.processed, 30)
+
+    def test_a_batch_of_messages_is_inserted_as_one_json_document_with_bulk_creates_values(self) -> None:
+        transactional = factories.automation(self.type, name="receipt", is_transactional=True)
+        marketing = factories.automation(self.type, name="news", delay=timedelta(hours=1))
+        suppression_add(email="bob@example.com", reason="complaint", source="test")
+        factories.contact(user_id="u-2", email="bob@example.com")
+        events = [factories.outbox_event(self.type, user_id) for user_id in ("u-1", "u-2")]
+        expected = [
+            message
+            for event in events
+            for message in event_plan(
+                event=event,
+                automations=[transactional, marketing],
+                contact=Contact.objects.get(user_id=event.user_id),
+                versions={},
+            ).messages
+        ]
+        with transaction.atomic():  # what bulk_create writes, rolled back
+            Message.objects.bulk_create(expected)
+            written_by_django = list(Message.objects.order_by("idempotency_key").values())
+            transaction.set_rollback(True)
+
+        with CaptureQueriesContext(connection) as queries:
+            events_process_batch()
+
+        inserts = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("INSERT")]
+        self.assertEqual(len(inserts), 1)
+        self.assertIn("json_populate_recordset", inserts[0])
+        ignored = {"id", "send_after", "created_at", "updated_at"}
+        written = list(Message.objects.order_by("idempotency_key").values())
+        self.assertEqual(
+            [{k: v for k, v in row.items() if k not in ignored} for row in written],
+            [{k: v for k, v in row.items() if k not in ignored} for row in written_by_django],
+        )
+        self.assertEqual(
+            sorted((row["to_email"], row["status"]) for row in written),
+            [
+                ("ada@example.com", Message.Status.QUEUED),
+                ("ada@example.com", Message.Status.QUEUED),
+                ("bob@example.com", Message.Status.SUPPRESSED),
+                ("bob@example.com", Message.Status.SUPPRESSED),
+            ],
+        )
+        news = Message.objects.get(automation=marketing, contact__user_id="u-1")
+        self.assertEqual(news.send_after, events[0].occurred_at + timedelta(hours=1))
+
+    def test_a_value_json_would_not_carry_unchanged_falls_back_to_bulk_create(self) -> None:
+        factories.automation(self.type)
+        factories.outbox_event(self.type, "u-1")
+        real_plan = processing.event_plan
+
+        def with_a_json_string(**kwargs):  # type: ignore[no-untyped-def]
+            plan = real_plan(**kwargs)
+            for message in plan.messages:
+                message.error_history = "not a list"  # a JSON string: stored as one by Django
+            return plan
+
+        with (
+            mock.patch("campaigns.processing.event_plan", side_effect=with_a_json_string),
+            CaptureQueriesContext(connection) as queries,
+        ):
+            events_process_batch()
+
+        inserts = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("INSERT")]
+        self.assertEqual(len(inserts), 1)
+        self.assertNotIn("json_populate_recordset", inserts[0])
+        self.assertEqual(Message.objects.get().error_history, "not a list")
 
     def test_processing_an_event_twice_creates_no_second_message(self) -> None:
         factories.automation(self.type)
