@@ -679,10 +679,63 @@ class Bench:
                     emit_producer, env, kwargs, timeout=plan.emit_seconds + 300, prepare=emit_producer_prepare
                 )
                 out[mode] = _summarise_producers(reports)
+            out["pgbench"] = pgbench_insert(
+                self.servers.database_url(db), clients=plan.producers, seconds=plan.emit_seconds
+            )
         out["ratio_p50"] = _ratio(out["emit"]["call_p50_ms"], out["insert"]["call_p50_ms"])
         out["ratio_p99"] = _ratio(out["emit"]["call_p99_ms"], out["insert"]["call_p99_ms"])
         out["ratio_events_per_s"] = _ratio(out["emit"]["events_per_s"], out["insert"]["events_per_s"])
         return out
+
+
+def _pgbench() -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench"))
+    return candidates[-1] if candidates else None
+
+
+def pgbench_insert(database_url: str, *, clients: int, seconds: float) -> dict[str, Any] | None:
+    """The same outbox INSERT from pgbench, one per transaction, `clients` connections:
+    what Postgres alone does on this machine with no Python in the loop, the ceiling
+    for any emit(). None when pgbench is not installed."""
+    from urllib.parse import urlsplit
+
+    import psycopg
+
+    program = _pgbench()
+    if program is None:
+        return None
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT id FROM campaigns_eventtype WHERE name = %s", [EVENT_TYPE]).fetchone()
+    assert row is not None
+    script = ROOT / "bench" / "results" / "pgbench_emit.sql"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(
+        "INSERT INTO campaigns_outboxevent (event_id, event_type_id, user_id, payload, source, occurred_at,"
+        " created_at, status, attempts, available_at, result, last_error, error_history) VALUES"
+        f" (md5(random()::text || clock_timestamp()::text), {int(row[0])}, 'u' || :client_id,"
+        " '{\"plan\": \"pro\", \"seats\": 3}', 'bench', now(), now(), 'pending', 0, now(), '', '', '[]')"
+        " ON CONFLICT DO NOTHING;\n"
+    )
+    url = urlsplit(database_url)
+    command = [
+        program, "-n", "-c", str(clients), "-j", str(clients), "-T", str(max(1, round(seconds))),
+        "-f", str(script), "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 5432),
+        "-U", url.username or "postgres", url.path.lstrip("/"),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
+    tps = latency = None
+    for line in done.stdout.splitlines():
+        if line.startswith("tps = "):
+            tps = float(line.split()[2])
+        elif line.startswith("latency average = "):
+            latency = float(line.split()[3])
+    return {"transactions_per_s": tps, "latency_avg_ms": latency, "command": shlex.join(command)}
 
 
 def _exception_line(text: str) -> str:
@@ -766,6 +819,12 @@ def print_emit(emit: dict[str, Any]) -> None:
             f"{row['call_p50_ms']:>7.2f}ms {row['call_p99_ms']:>7.2f}ms "
             f"{row['commit_p50_ms']:>9.2f}ms {row['commit_p99_ms']:>9.2f}ms "
             f"{row['nudge_p50_ms']:>8.2f}ms {row['nudge_p99_ms']:>8.2f}ms"
+        )
+    ceiling = emit.get("pgbench")
+    if ceiling and ceiling["transactions_per_s"]:
+        print(
+            f"{'pgbench, the same INSERT (no Python)':<34} {'':>8} {ceiling['transactions_per_s']:>9,.0f} "
+            f"{'':>9} {'':>9} (latency avg {ceiling['latency_avg_ms']:.2f} ms: the ceiling on this machine)"
         )
     print(
         f"ratio emit/base: call p50 {_fmt(emit['ratio_p50'], '.2f', 'x')}, "
