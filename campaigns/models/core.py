@@ -311,7 +311,11 @@ class Message(models.Model):
     # States a worker may still act on; everything else is final until a person acts.
     IN_PROGRESS = (Status.QUEUED, Status.CLAIMED, Status.SENDING, Status.UNKNOWN)
 
-    idempotency_key = models.CharField(max_length=300, unique=True)
+    # Unique (Meta.constraints), not unique=True: on Postgres a field-level unique or
+    # db_index on a CharField also builds a varchar_pattern_ops "_like" index for LIKE
+    # queries nobody makes here, and every status change rewrites every index of this
+    # table (status is indexed, so no update is HOT).
+    idempotency_key = models.CharField(max_length=300)
     event = models.ForeignKey(
         OutboxEvent, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages"
     )
@@ -349,7 +353,7 @@ class Message(models.Model):
     resent_after_unknown = models.BooleanField(
         default=False, help_text="Already resent once after its outcome was unknown; never again."
     )
-    esp_message_id = models.CharField(max_length=255, blank=True, db_index=True)
+    esp_message_id = models.CharField(max_length=255, blank=True)  # indexed in Meta, see above
     subject = models.CharField(max_length=998, blank=True, help_text="As rendered.")
     last_error = models.TextField(blank=True)
     error_history = models.JSONField(default=list, blank=True)
@@ -368,6 +372,7 @@ class Message(models.Model):
             models.Index(fields=["status", "-id"], name="message_status"),
             models.Index(fields=["to_email"], name="message_to_email"),
             models.Index(fields=["sent_at"], name="message_sent_at"),
+            models.Index(fields=["esp_message_id"], name="message_esp_message_id"),
             # Instead of the FK's own index: serves the FK, a broadcast's counts by
             # status and its "anything still in progress?" check; automation mail
             # (broadcast null) is not in it.
@@ -378,6 +383,7 @@ class Message(models.Model):
             ),
         ]
         constraints = [
+            models.UniqueConstraint(fields=["idempotency_key"], name="message_idempotency_key_unique"),
             # One message per mailbox per broadcast, whatever the spelling of the
             # address ("Bob@Example.com" is bob@example.com's mailbox): two contacts
             # sharing an address, even in different materialisation batches, get one.
