@@ -10,14 +10,19 @@ from unittest import mock
 
 import requests
 from anymail.backends.resend import EmailBackend as AnymailResendBackend
-from anymail.exceptions import AnymailAPIError, AnymailRequestsAPIError, AnymailUnsupportedFeature
+from anymail.exceptions import (
+    AnymailAPIError,
+    AnymailInvalidAddress,
+    AnymailRequestsAPIError,
+    AnymailUnsupportedFeature,
+)
 from anymail.message import AnymailMessage
 from django.conf import settings
 from django.core.mail import get_connection
 from django.test import SimpleTestCase, override_settings
 
 from campaigns.delivery import ErrorKind, classify_send_error, messages_send_batch
-from campaigns.esp_batch import BatchItemResult, ResendBatchSender, batch_sender_for
+from campaigns.esp_batch import BatchItemResult, PostmarkBatchSender, ResendBatchSender, batch_sender_for
 from campaigns.esp_idempotency import apply_idempotency_key, batch_idempotency_key, esp_idempotency_key
 from campaigns.models import Message
 from mailauto.sandbox import DEFAULT_SERVER_TOKEN
@@ -100,6 +105,84 @@ class BatchSendTests(SandboxTestCase):
         self.assertEqual((result.sent, result.requests), (3, 3))
         self.assertEqual(len(self.sandbox.messages()), 3)
         self.assertEqual(self.sandbox.stats()["batch_requests"], 0)
+
+
+class PostmarkPayloadTests(SimpleTestCase):
+    """PostmarkBatchSender builds each payload with the From parse remembered: the JSON
+    must be exactly what Anymail's own backend builds, whatever the From."""
+
+    FROMS = (
+        "mailauto demo <hello@mailauto.test>",
+        "plain@example.com",
+        "Zoë Ünïcode-Händler <hello@example.com>",
+        '"Shop, Inc." <shop@example.com>',
+        "=?utf-8?q?Caf=C3=A9?= <cafe@example.com>",
+        "Bücher <news@bücher.example>",
+        "news@xn--bcher-kva.example",
+        "First <a@example.com>, second@example.com",
+    )
+
+    backend: Any  # an anymail.backends.postmark.EmailBackend
+
+    def setUp(self) -> None:
+        self.backend = get_connection(
+            "anymail.backends.postmark.EmailBackend", server_token="t", api_url="http://127.0.0.1:9/"
+        )
+        sender = batch_sender_for(self.backend)
+        assert isinstance(sender, PostmarkBatchSender)
+        self.sender = sender
+
+    def email(self, from_email: Any, to: str = "Ada Lovelace <ada@example.com>") -> AnymailMessage:
+        email = AnymailMessage(
+            subject="Hi", body="text", from_email=from_email, to=[to], metadata={"m": "1"}, tags=["t"]
+        )
+        email.attach_alternative("<p>html</p>", "text/html")
+        return email
+
+    def assert_same_payload(self, email: AnymailMessage) -> None:
+        anymails = self.backend.build_message_payload(email, self.backend.send_defaults).serialize_data()
+        self.assertEqual(self.sender.build_payload(email).serialize_data(), anymails)
+
+    def test_payloads_are_anymails_own_for_every_kind_of_from(self) -> None:
+        # Twice round, so a remembered parse of one From is never reused for another.
+        for from_email in self.FROMS * 2:
+            for to in ("ada@example.com", "Zoë <zoe@exämple.test>", '"Doe, J." <j@example.com>'):
+                with self.subTest(from_email=from_email, to=to):
+                    self.assert_same_payload(self.email(from_email, to))
+
+    def test_the_idna_encoder_still_applies_to_a_remembered_from(self) -> None:
+        email = self.email("Bücher <news@bücher.example>")
+        self.sender.build_payload(email)  # remembered, encoded with the default encoder
+        self.backend = get_connection(
+            "anymail.backends.postmark.EmailBackend",
+            server_token="t",
+            api_url="http://127.0.0.1:9/",
+            idna_encoder=lambda domain: "encoded.example",
+        )
+        self.sender = PostmarkBatchSender(self.backend)
+        self.assert_same_payload(email)
+        self.assertEqual(self.sender.build_payload(email).data["From"], "Bücher <news@encoded.example>")
+
+    def test_a_lazy_from_is_parsed_as_anymail_does(self) -> None:
+        from django.utils.functional import lazy
+
+        self.assert_same_payload(self.email(lazy(lambda: "Lazy <lazy@example.com>", str)()))
+
+    def test_an_invalid_from_fails_as_in_anymail_every_time(self) -> None:
+        for _ in range(2):
+            email = self.email("not an address <>")
+            with self.assertRaises(AnymailInvalidAddress) as anymails:
+                self.backend.build_message_payload(email, self.backend.send_defaults)
+            with self.assertRaises(AnymailInvalidAddress) as ours:
+                self.sender.build_payload(email)
+            self.assertEqual(str(ours.exception), str(anymails.exception))
+
+    def test_the_sender_sends_what_it_built(self) -> None:
+        email = self.email("Zoë <hello@example.com>")
+        expected = self.backend.build_message_payload(email, self.backend.send_defaults).data
+        with mock.patch.object(PostmarkBatchSender, "_post", side_effect=AnymailAPIError("stop")) as post:
+            self.sender.send([email])
+        self.assertEqual(post.call_args.args[0], [expected])
 
 
 # --- Resend's /emails/batch ----------------------------------------------------------------
