@@ -39,7 +39,7 @@ from django.utils import timezone
 
 from suppression.models.consent import AuditLogEntry, ConsentNotice, ConsentRecord
 from suppression.privacy import email_hash
-from suppression.residency import UNKNOWN_REGION, normalize_region
+from suppression.residency import UNKNOWN_REGION, normalize_region, normalized_regions
 
 if TYPE_CHECKING:
     from campaigns.models import Contact
@@ -330,8 +330,7 @@ def consent_state(*, contact: Contact, purpose: str) -> ConsentRecord | None:
 
 
 def gdpr_applies(*, contact: Contact) -> bool:
-    regions = {normalize_region(region) for region in settings.MAILAUTO["GDPR_REGIONS"]}
-    return normalize_region(contact.region) in regions
+    return normalize_region(contact.region) in normalized_regions(settings.MAILAUTO["GDPR_REGIONS"])
 
 
 def consent_decision(*, contact: Contact, purpose: str, transactional: bool) -> SendDecision:

@@ -13,6 +13,8 @@ Contact.region values we may process. The rule:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -28,8 +30,22 @@ def normalize_region(region: str | None) -> str:
     return (region or "").strip().lower() or UNKNOWN_REGION
 
 
-def allowed_regions() -> set[str]:
-    return {normalize_region(region) for region in settings.MAILAUTO["ALLOWED_REGIONS"]}
+def normalized_regions(configured: Iterable[str]) -> frozenset[str]:
+    """A configured list of regions (ALLOWED_REGIONS, GDPR_REGIONS), normalised.
+
+    Asked for several times per message; remembered by the list's *value*, so a
+    settings override (or a list changed in place) is seen on the next call.
+    """
+    return _normalized_regions(tuple(configured)) if configured else frozenset()
+
+
+@functools.lru_cache(maxsize=16)
+def _normalized_regions(configured: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(normalize_region(region) for region in configured)
+
+
+def allowed_regions() -> frozenset[str]:
+    return normalized_regions(settings.MAILAUTO["ALLOWED_REGIONS"])
 
 
 def region_allowed(region: str) -> bool:

@@ -29,6 +29,7 @@ from suppression.consent import (
     consent_request,
     consent_state,
     consent_withdraw,
+    gdpr_applies,
 )
 from suppression.models.consent import AuditLogEntry, ConsentNotice, ConsentRecord, ImmutableRecordError
 from suppression.privacy import email_hash
@@ -238,6 +239,15 @@ class ComplianceSwitchTests(TestCase):
                 (False, "no consent recorded for 'marketing' (GDPR: region unknown)"),
             )
             self.assertEqual(self.decide(self.eu), (True, ""))  # "de" is not listed here
+
+    def test_a_changed_gdpr_region_list_takes_effect_at_once(self) -> None:
+        # The normalised list is remembered; it must never outlive the setting.
+        for listed, expected in ((["de"], True), (["FR "], False), (["de"], True), ([], False)):
+            with self.subTest(listed=listed), switches(GDPR_REGIONS=listed):
+                self.assertEqual(gdpr_applies(contact=self.eu), expected)
+        with switches(GDPR_REGIONS=["fr"]):
+            settings.MAILAUTO["GDPR_REGIONS"].append(" De")  # changed in place
+            self.assertTrue(gdpr_applies(contact=self.eu))
 
     def test_gdpr_off_does_not_require_consent_in_the_eu(self) -> None:
         with switches(**ALL_OFF):

@@ -29,6 +29,20 @@ class RegionAllowedTests(SimpleTestCase):
             # No aliases: "eu" does not stand for its member states.
             self.assertFalse(region_allowed("de"))
 
+    def test_a_changed_setting_takes_effect_at_once(self) -> None:
+        # The normalised list is remembered; it must never outlive the setting.
+        with regions("eu"):
+            self.assertFalse(region_allowed("ch"))
+        with regions("CH "):
+            self.assertTrue(region_allowed("ch"))
+            self.assertFalse(region_allowed("eu"))
+            settings.MAILAUTO["ALLOWED_REGIONS"].append("eu")  # changed in place
+            self.assertTrue(region_allowed("eu"))
+        with regions("eu"):
+            self.assertFalse(region_allowed("ch"))
+        with regions():
+            self.assertTrue(region_allowed("ch"))
+
     def test_an_unknown_region_needs_unknown_listed(self) -> None:
         with regions("eu"):
             self.assertFalse(region_allowed(""))
