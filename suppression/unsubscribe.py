@@ -34,13 +34,15 @@ and name password resets and receipts as messages that are not.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core import signing
-from django.urls import reverse
+from django.urls import get_script_prefix, get_urlconf, reverse
 
 from suppression.services import normalize_email
 
@@ -67,7 +69,14 @@ class RecipientLink:
 
 
 def _signer() -> signing.TimestampSigner:
-    return signing.TimestampSigner(salt=TOKEN_SALT)
+    return _signer_for(settings.SECRET_KEY, tuple(settings.SECRET_KEY_FALLBACKS))
+
+
+@functools.lru_cache(maxsize=4)
+def _signer_for(key: str, fallback_keys: tuple[str, ...]) -> signing.TimestampSigner:
+    # One signer per key set (a signer keeps no state between calls), remembered by
+    # the keys' values so an override or a rotation is seen on the next call.
+    return signing.TimestampSigner(key=key, fallback_keys=list(fallback_keys), salt=TOKEN_SALT)
 
 
 def link_token(*, email: str, topic: str, message_id: int | None) -> str:
@@ -106,14 +115,43 @@ def link_read(token: str) -> RecipientLink:
     return RecipientLink(email=email, topic=topic, message_id=message_id, preferences_expired=expired)
 
 
+# What a signed token is made of (base64url, and ":" between its parts): reverse()
+# leaves all of it as it is, so the URL is the same around any token.
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-:]+")
+_TOKEN_MARK = "TOKEN"
+
+
+@functools.lru_cache(maxsize=16)
+def _url_around_token(name: str, site_url: str, urlconf: str | None, script_prefix: str) -> tuple[str, str]:
+    """(before, after) the token in SITE_URL + reverse(name, args=[token]): reverse()
+    is most of the cost of a message's links, and its answer depends only on these
+    arguments (the script prefix is read by reverse() itself; no pattern here is
+    translated). Remembered by their values, so overrides are seen on the next call."""
+    before, _, after = reverse(name, args=[_TOKEN_MARK], urlconf=urlconf).rpartition(_TOKEN_MARK)
+    return site_url + before, after
+
+
+def _url_context() -> tuple[str, str, str]:
+    """What a token URL depends on besides the token: SITE_URL, the URLconf in use and
+    the script prefix (both per thread, set by a request)."""
+    return settings.SITE_URL, get_urlconf() or settings.ROOT_URLCONF, get_script_prefix()
+
+
+def _token_url(name: str, token: str, context: tuple[str, str, str] | None = None) -> str:
+    if not _TOKEN_CHARS.fullmatch(token):  # not one of our tokens: let reverse() quote it
+        return settings.SITE_URL + reverse(name, args=[token])
+    before, after = _url_around_token(name, *(context or _url_context()))
+    return before + token + after
+
+
 def unsubscribe_url(token: str) -> str:
     """The confirmation page (GET) and the one-click target (POST): one URL, the one in
     List-Unsubscribe, which the mail receiver POSTs to (RFC 8058 section 3.2)."""
-    return settings.SITE_URL + reverse("suppression:unsubscribe", args=[token])
+    return _token_url("suppression:unsubscribe", token)
 
 
 def preferences_url(token: str) -> str:
-    return settings.SITE_URL + reverse("suppression:preferences", args=[token])
+    return _token_url("suppression:preferences", token)
 
 
 def message_links(*, message: Message) -> dict[str, str]:
@@ -123,9 +161,10 @@ def message_links(*, message: Message) -> dict[str, str]:
     # names no topic: if it is ever used to unsubscribe, it offers all marketing.
     topic = "" if message.transactional else message.purpose
     token = link_token(email=message.to_email, topic=topic, message_id=message.pk)
-    links = {"preferences_url": preferences_url(token)}
+    context = _url_context()
+    links = {"preferences_url": _token_url("suppression:preferences", token, context)}
     if not message.transactional:
-        links["unsubscribe_url"] = unsubscribe_url(token)
+        links["unsubscribe_url"] = _token_url("suppression:unsubscribe", token, context)
     return links
 
 

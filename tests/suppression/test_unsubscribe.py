@@ -8,8 +8,10 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import time_machine
+from django.conf import settings
 from django.core import signing
 from django.test import TestCase, override_settings
+from django.urls import reverse, set_script_prefix
 
 from campaigns.delivery import messages_send_batch
 from campaigns.models import Message
@@ -82,8 +84,16 @@ class TokenTests(TestCase):
         with override_settings(SECRET_KEY="another-key-entirely-" * 3), self.assertRaises(InvalidLink):
             link_read(self.token)
 
+    def test_a_changed_secret_key_signs_new_tokens_at_once(self) -> None:
+        # The signer is reused between calls; it must never outlive the key.
+        with override_settings(SECRET_KEY="another-key-entirely-" * 3):
+            other = link_token(email="ada@example.com", topic="marketing", message_id=42)
+            self.assertEqual(link_read(other).email, "ada@example.com")
+        with self.assertRaises(InvalidLink):
+            link_read(other)
+        self.assertEqual(link_read(self.token).email, "ada@example.com")
+
     def test_a_rotated_key_kept_in_the_fallbacks_still_verifies(self) -> None:
-        from django.conf import settings
 
         with override_settings(SECRET_KEY="the-new-key-" * 5, SECRET_KEY_FALLBACKS=[settings.SECRET_KEY]):
             self.assertEqual(link_read(self.token).message_id, 42)
@@ -127,6 +137,33 @@ class MessageLinksAndHeadersTests(TestCase):
         self.assertEqual(
             (link.email, link.topic, link.message_id), ("ada@example.com", "product-updates", message.pk)
         )
+
+    def test_links_are_the_reversed_urls_under_site_url(self) -> None:
+        message = factories.message(self.version, self.contact)
+        links = message_links(message=message)
+        token = urlsplit(links["unsubscribe_url"]).path.split("/")[2]
+        self.assertEqual(
+            links["unsubscribe_url"], HTTPS_SITE + reverse("suppression:unsubscribe", args=[token])
+        )
+        self.assertEqual(
+            links["preferences_url"], HTTPS_SITE + reverse("suppression:preferences", args=[token])
+        )
+
+    def test_a_changed_site_url_takes_effect_at_once(self) -> None:
+        # The URL around the token is remembered; it must never outlive SITE_URL.
+        message = factories.message(self.version, self.contact)
+        for site in (HTTPS_SITE, "https://other.example.test", HTTPS_SITE):
+            with self.subTest(site=site), override_settings(SITE_URL=site):
+                links = message_links(message=message)
+                self.assertTrue(links["unsubscribe_url"].startswith(f"{site}/u/"))
+                self.assertTrue(links["preferences_url"].startswith(f"{site}/preferences/"))
+
+    def test_the_script_prefix_is_honoured(self) -> None:
+        message = factories.message(self.version, self.contact)
+        message_links(message=message)  # remembered without a prefix
+        set_script_prefix("/mail/")
+        self.addCleanup(set_script_prefix, "/")
+        self.assertTrue(message_links(message=message)["unsubscribe_url"].startswith(f"{HTTPS_SITE}/mail/u/"))
 
     def test_transactional_message_gets_only_a_preferences_link(self) -> None:
         message = factories.message(self.version, self.contact, purpose="receipts", transactional=True)
