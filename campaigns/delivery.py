@@ -258,6 +258,7 @@ def messages_claim(*, limit: int) -> list[Message]:
     event_types = EventType.objects.in_bulk({m.event.event_type_id for m in messages if m.event is not None})
     for message in messages:
         message.template_version = versions[message.template_version_id]
+        message.locked_until = lease  # deferred, and known: the rows were selected by it
         if message.event is not None:
             message.event.event_type = event_types[message.event.event_type_id]
     return messages

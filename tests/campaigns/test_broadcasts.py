@@ -705,9 +705,20 @@ class SandboxSendTests(BroadcastTestCase):
                 action()
             return real_render(**kw)
 
-        with mock.patch("campaigns.delivery.message_render", side_effect=render_then_act):
+        with (
+            mock.patch("campaigns.delivery.message_render", side_effect=render_then_act),
+            CaptureQueriesContext(connection) as queries,
+        ):
             result = messages_send_batch()
         self.assertEqual((result.claimed, result.sent), (2, 0))
+        # Giving the batch back reads the claim's lease from memory, not a query per
+        # message (locked_until is deferred by messages_claim).
+        lazy = [
+            q["sql"]
+            for q in queries.captured_queries
+            if q["sql"].startswith('SELECT "campaigns_message"."id", "campaigns_message"."locked_until"')
+        ]
+        self.assertEqual(lazy, [])
 
     def test_a_broadcast_paused_before_the_hand_off_sends_nothing_and_resume_sends_it(self) -> None:
         broadcast = self.started(PRO)
