@@ -367,7 +367,9 @@ def _insert_events(rows: list[OutboxEvent], using: str = DEFAULT_DB_ALIAS) -> No
     connection = connections[using]
     statement = _insert_statement(connection)
     batch = max(1, min(INSERT_BATCH, connection.ops.bulk_batch_size([f for f, _ in statement.fields], rows)))
-    with connection.cursor() as cursor:
+    # Several INSERTs are all or nothing even for a caller in autocommit (emit_many's
+    # promise); inside the caller's transaction this adds nothing (no savepoint).
+    with transaction.atomic(using=using, savepoint=False), connection.cursor() as cursor:
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
             params: list[Any] = []

@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from unittest import mock
 
-from django.db import IntegrityError, transaction
-from django.test import TestCase
+from django.db import IntegrityError, OperationalError, transaction
+from django.db.backends.utils import CursorWrapper
+from django.test import TestCase, TransactionTestCase
 
 import campaigns
+from campaigns import events
 from campaigns.events import EventSpec
 from campaigns.models import Contact, OutboxEvent
 from mailauto.lib import nudge
@@ -240,3 +242,30 @@ class EventTypeCacheTests(TestCase):
         type_.save()
         with self.assertRaises(campaigns.InvalidEvent):
             campaigns.emit("user.signed_up", "u-1", {})
+
+
+class EmitManyAutocommitTests(TransactionTestCase):
+    def test_a_batch_written_in_several_inserts_is_all_or_nothing_in_autocommit(self) -> None:
+        factories.event_type()
+        specs = [
+            {"event_type": "user.signed_up", "user_id": f"u-{n}", "payload": {"plan": "pro"}}
+            for n in range(5)
+        ]
+        real_execute = CursorWrapper.execute
+        calls: list[int] = []
+
+        def second_insert_fails(cursor: CursorWrapper, sql: str, params: object = None) -> object:
+            if sql.startswith("INSERT INTO") and "outboxevent" in sql:
+                calls.append(1)
+                if len(calls) == 2:
+                    raise OperationalError("connection lost mid-batch")
+            return real_execute(cursor, sql, params)
+
+        with (
+            mock.patch.object(events, "INSERT_BATCH", 2),
+            mock.patch.object(CursorWrapper, "execute", second_insert_fails),
+            self.assertRaises(OperationalError),
+        ):
+            campaigns.emit_many(specs)  # no transaction of the caller's
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(OutboxEvent.objects.count(), 0)  # the first INSERT was rolled back
