@@ -6,6 +6,7 @@ message therefore delays work until the beat sweeper runs; it never loses it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,8 @@ from django.utils import timezone
 from campaigns import broadcasts, delivery, processing, warmup
 from campaigns.models import Message, OutboxEvent
 from mailauto.lib import nudge
+
+logger = logging.getLogger(__name__)
 
 # How long one task keeps claiming batches before handing over to a fresh task, so that
 # one long backlog does not pin a worker process forever (and a deploy can drain it).
@@ -37,7 +40,13 @@ def _drain(
     handled = 0
     settled = False
     while time.monotonic() - started < TASK_TIME_BUDGET_SECONDS:
-        claimed, full = run_batch()
+        try:
+            claimed, full = run_batch()
+        except Exception:
+            # Let go of the marker this task holds, so the next nudge or sweep is not
+            # swallowed for HOLD_TTL_SECONDS; the batch's rows are leased, not lost.
+            nudge.settle(kind, slot)
+            raise
         handled += claimed
         if claimed:
             settled = False
@@ -49,7 +58,11 @@ def _drain(
             return handled
         nudge.settle(kind, slot)
         settled = True
-    again.apply_async(kwargs={"slot": slot})  # more work left: continue in a fresh task
+    try:
+        again.apply_async(kwargs={"slot": slot}, retry=False)  # more work left: a fresh task
+    except Exception:
+        logger.warning("could not hand the %s drain over; the sweeper will", kind, exc_info=True)
+        nudge.settle(kind, slot)
     return handled
 
 

@@ -111,7 +111,16 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Redis, cache and Celery -----------------------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "mailauto.lib.redis_cache.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {
+        "default": {
+            "BACKEND": "mailauto.lib.redis_cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            # Fail fast when Redis is unreachable: every cache user here (nudge markers,
+            # rate limits, the suppression mirror) has a fallback, and none should hang
+            # a request or a worker for the OS's connect timeout.
+            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 5},
+        }
+    }
     CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
     # An unacknowledged task is redelivered after this long (acks_late); tasks hand over
     # to a fresh task within ~20 s, so an hour only ever matters for a dead worker.

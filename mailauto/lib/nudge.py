@@ -38,6 +38,9 @@ MARKER_TTL_SECONDS = 10
 HOLD_TTL_SECONDS = 60
 # nudge_soon(): a process looks at the marker at most this often per kind.
 COALESCE_SECONDS = 0.01
+# How long exit and fork wait for a deferred nudge in flight before going ahead.
+EXIT_WAIT_SECONDS = 5.0
+FORK_WAIT_SECONDS = 5.0
 
 
 def _key(kind: str, slot: int = 0) -> str:
@@ -49,12 +52,20 @@ def nudge(task: Any, *, kind: str, slots: int = 1) -> None:
     every one is taken (that many tasks are pending or draining). Never raises.
 
     Emitters use one slot; a draining task that keeps finding full batches recruits
-    helpers with slots > 1, so at most `slots` tasks of a kind exist at once."""
+    helpers with slots > 1, so at most `slots` tasks of a kind exist at once. A recruit
+    is published when workers are busy, so it may wait in the queue: its marker lasts
+    HOLD_TTL_SECONDS, and without the marker store no recruit is published at all (the
+    drains already running carry on)."""
+    recruiting = slots > 1
     for slot in range(slots):
         try:
-            if not cache.add(_key(kind, slot), 1, timeout=MARKER_TTL_SECONDS):
+            ttl = HOLD_TTL_SECONDS if recruiting else MARKER_TTL_SECONDS
+            if not cache.add(_key(kind, slot), 1, timeout=ttl):
                 continue
         except Exception:
+            if recruiting:
+                logger.debug("nudge marker unavailable; recruiting no helper", exc_info=True)
+                return
             logger.debug("nudge marker unavailable; publishing anyway", exc_info=True)
         try:
             # retry=False: with the broker down the caller must not block on publish
@@ -124,6 +135,7 @@ class _Deferred:
         self._wake = threading.Event()
         self._pending: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
+        self._held_for_fork = False
 
     def add(self, task: Any, kind: str) -> None:
         try:
@@ -137,12 +149,18 @@ class _Deferred:
             logger.debug("deferred nudge unavailable; nudging inline", exc_info=True)
             nudge(task, kind=kind)
 
-    def flush(self) -> None:
-        with self._sending:
+    def flush(self, *, wait: float = -1) -> None:
+        # wait: at exit, how long to wait for a nudge in flight (a broker that refuses
+        # connections takes seconds to say so); past it, the sweeper covers.
+        if not self._sending.acquire(timeout=wait):
+            return
+        try:
             with self._lock:
                 pending, self._pending = self._pending, {}
             for kind, task in pending.items():
                 nudge(task, kind=kind)
+        finally:
+            self._sending.release()
 
     def _run(self) -> None:
         while True:
@@ -157,11 +175,14 @@ class _Deferred:
     # No fork while the thread is inside a nudge: it holds locks there (asgiref's lock
     # around Django's cache handler, redis-py's and kombu's pool locks) that a child
     # would inherit held by a thread it does not have, and block on forever.
+    # Bounded: a nudge stuck on an unreachable broker must not hold a fork for long; past
+    # FORK_WAIT_SECONDS the fork goes ahead (the child's cache calls may then block).
     def _before_fork(self) -> None:
-        self._sending.acquire()
+        self._held_for_fork = self._sending.acquire(timeout=FORK_WAIT_SECONDS)
 
     def _after_fork_in_parent(self) -> None:
-        self._sending.release()
+        if self._held_for_fork:
+            self._sending.release()
 
 
 _deferred = _Deferred()
@@ -170,4 +191,4 @@ os.register_at_fork(
     after_in_parent=_deferred._after_fork_in_parent,
     after_in_child=_deferred._reset,
 )
-atexit.register(flush_pending)
+atexit.register(lambda: _deferred.flush(wait=EXIT_WAIT_SECONDS))

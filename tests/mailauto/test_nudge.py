@@ -89,6 +89,45 @@ class NudgeTests(SimpleTestCase):
         emitter_task.apply_async.assert_called_once_with(retry=False)
 
 
+class DrainFailureAndRecruitTests(SimpleTestCase):
+    def setUp(self) -> None:
+        keys = ["mailauto:nudge:test", "mailauto:nudge:test:1", "mailauto:nudge:test:2"]
+        cache.delete_many(keys)
+        self.addCleanup(cache.delete_many, keys)
+
+    def test_a_batch_that_raises_lets_go_of_the_marker(self) -> None:
+        batches = iter([(5, False)])
+
+        def run_batch() -> tuple[int, bool]:
+            try:
+                return next(batches)
+            except StopIteration:
+                raise RuntimeError("database went away") from None
+
+        with self.assertRaises(RuntimeError):
+            tasks._drain("test", run_batch, mock.Mock(), slot=0, drains=1)
+        # Not held for HOLD_TTL_SECONDS: the next nudge (or the sweeper's) publishes.
+        task = mock.Mock()
+        nudge.nudge(task, kind="test")
+        task.apply_async.assert_called_once_with(retry=False)
+
+    def test_a_recruit_keeps_its_slot_while_it_waits_in_the_queue(self) -> None:
+        client = cache._cache.get_client(write=True)  # type: ignore[attr-defined]
+        nudge.hold("test")  # the drain recruiting
+        recruit = mock.Mock()
+        nudge.nudge(recruit, kind="test", slots=3)
+        recruit.apply_async.assert_called_once_with(kwargs={"slot": 1}, retry=False)
+        self.assertGreater(client.ttl(cache.make_key("mailauto:nudge:test:1")), nudge.MARKER_TTL_SECONDS)
+
+    def test_without_the_marker_store_no_helper_is_recruited(self) -> None:
+        recruit, emitted = mock.Mock(), mock.Mock()
+        with mock.patch.object(nudge.cache, "add", side_effect=ConnectionError("redis down")):
+            nudge.nudge(recruit, kind="test", slots=3)
+            nudge.nudge(emitted, kind="test")
+        recruit.apply_async.assert_not_called()  # helpers would multiply unchecked
+        emitted.apply_async.assert_called_once_with(retry=False)  # an emitter still nudges
+
+
 class NudgeSoonTests(SimpleTestCase):
     """nudge_soon(): the same nudge, from a background thread of the process."""
 
