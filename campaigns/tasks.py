@@ -121,4 +121,8 @@ def sweep_broadcasts() -> int:
     nudge.settle("broadcasts")
     if result.more:
         sweep_broadcasts.apply_async()  # more audience left: continue in a fresh task
+    elif broadcasts.broadcasts_waiting(now=timezone.now()):
+        # Started or resumed while this sweep ran: its nudge found the marker set and
+        # published nothing. Looking after settle() closes that gap (mailauto/lib/nudge.py).
+        nudge.nudge(sweep_broadcasts, kind="broadcasts")
     return result.messages

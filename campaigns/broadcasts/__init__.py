@@ -25,6 +25,7 @@ from campaigns.broadcasts.selectors import (
     audience_preview,
     broadcast_message_counts,
     broadcast_new_recipients,
+    broadcasts_waiting,
     template_event_fields,
 )
 from campaigns.broadcasts.services import (
@@ -74,6 +75,7 @@ __all__ = [
     "broadcasts_start_due",
     "broadcasts_stats_refresh",
     "broadcasts_sweep",
+    "broadcasts_waiting",
     "nudge_broadcast_workers",
     "template_event_fields",
 ]

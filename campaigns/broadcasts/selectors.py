@@ -5,8 +5,9 @@ what a template needs that a broadcast cannot give."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.db.models.functions import Lower
 
 from campaigns.models import Broadcast, Contact, Message, TemplateVersion
@@ -103,3 +104,12 @@ def template_event_fields(version: TemplateVersion) -> list[str]:
     Raises TemplateRejected for a version that no longer compiles."""
     paths = validate_template(subject=version.subject, html=version.html, text=version.text)
     return sorted(path for path in paths if path.partition(".")[0] in NO_EVENT_ROOTS)
+
+
+def broadcasts_waiting(*, now: datetime) -> bool:
+    """Whether the sweeper has work: a scheduled broadcast whose time has come, or a
+    sending one whose audience is not yet all messages."""
+    return Broadcast.objects.filter(
+        Q(status=Broadcast.Status.SCHEDULED, scheduled_at__lte=now)
+        | Q(status=Broadcast.Status.SENDING, audience_done_at__isnull=True)
+    ).exists()

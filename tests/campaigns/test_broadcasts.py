@@ -584,6 +584,23 @@ class TaskTests(BroadcastTestCase):
                 tasks.sweep_broadcasts()
             again.assert_called_once_with()
 
+    def test_a_broadcast_started_during_a_sweep_gets_a_fresh_sweep(self) -> None:
+        # Its start's nudge found the running sweep's marker set and published nothing.
+        late = factories.broadcast(self.version)
+        real_sweep = broadcasts_sweep
+
+        def sweep_while_a_start_commits(**kwargs: Any) -> Any:
+            result = real_sweep(**kwargs)
+            broadcast_send_now(broadcast=late, actor="test")
+            return result
+
+        with (
+            mock.patch("campaigns.broadcasts.broadcasts_sweep", side_effect=sweep_while_a_start_commits),
+            mock.patch.object(tasks.sweep_broadcasts, "apply_async") as apply_async,
+        ):
+            tasks.sweep_broadcasts()
+        apply_async.assert_called_once_with(retry=False)
+
     def test_beat_runs_the_sweeper_on_the_housekeeping_queue(self) -> None:
         entry = settings.CELERY_BEAT_SCHEDULE["sweep-broadcasts"]
         self.assertEqual(entry["task"], "campaigns.tasks.sweep_broadcasts")
