@@ -887,7 +887,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--n-baseline", type=int, help="N for post-office only")
     parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 2, help="worker processes (default: CPUs)"
+        "--workers",
+        type=int,
+        default=(os.cpu_count() or 2) + 1,
+        help="worker processes for each system (default: CPUs + 1, as the Procfile runs: a sending "
+        "worker waits on the ESP and on Postgres part of the time)",
     )
     parser.add_argument(
         "--latency", type=float, nargs="+", default=[0, 100], help="ESP latencies in ms (default: 0 100)"

@@ -244,9 +244,9 @@ MAILAUTO = {
     "SOFT_BOUNCE_WINDOW_DAYS": env.int("MAILAUTO_SOFT_BOUNCE_WINDOW_DAYS", default=7),
     "EVENT_BATCH_SIZE": env.int("MAILAUTO_EVENT_BATCH_SIZE", default=200),
     # How many tasks of each kind may drain a backlog at once (campaigns/tasks.py): set
-    # to the worker processes that serve the events / sends queue (Procfile: 2).
-    "EVENT_DRAINS": env.int("MAILAUTO_EVENT_DRAINS", default=2),
-    "SEND_DRAINS": env.int("MAILAUTO_SEND_DRAINS", default=2),
+    # to the worker processes that serve the events / sends queue (Procfile: 3).
+    "EVENT_DRAINS": env.int("MAILAUTO_EVENT_DRAINS", default=3),
+    "SEND_DRAINS": env.int("MAILAUTO_SEND_DRAINS", default=3),
     "EVENT_MAX_ATTEMPTS": env.int("MAILAUTO_EVENT_MAX_ATTEMPTS", default=5),
     "EVENT_LEASE_SECONDS": env.int("MAILAUTO_EVENT_LEASE_SECONDS", default=300),
     "SWEEP_INTERVAL_SECONDS": env.int("MAILAUTO_SWEEP_INTERVAL", default=30),
