@@ -31,38 +31,44 @@ def _drain(
 ) -> int:
     """Run batches until there is no work or the time budget is spent.
 
-    While batches find work the task holds its slot's nudge marker, so emitters add no
-    duplicate task behind it; a full batch recruits another task, up to `drains` of this
-    kind. When a batch finds nothing, clear the marker and look once more (see
-    mailauto/lib/nudge.py for why that closes the race with concurrent emitters).
+    The task takes its slot's nudge marker (its own token) and holds it while batches
+    find work, so emitters add no duplicate task behind it; should a duplicate start
+    anyway (the marker expired), the newer task takes the slot and the older one stops at
+    its next batch, publishing no continuation. A full batch recruits another task, up to
+    `drains` of this kind. When a batch finds nothing, clear the marker and look once
+    more (see mailauto/lib/nudge.py for why that closes the race with concurrent
+    emitters).
     """
     started = time.monotonic()
     handled = 0
     settled = False
+    token = nudge.take(kind, slot)
     while time.monotonic() - started < TASK_TIME_BUDGET_SECONDS:
         try:
             claimed, full = run_batch()
         except Exception:
             # Let go of the marker this task holds, so the next nudge or sweep is not
             # swallowed for HOLD_TTL_SECONDS; the batch's rows are leased, not lost.
-            nudge.settle(kind, slot)
+            nudge.settle(kind, slot, token)
             raise
         handled += claimed
         if claimed:
             settled = False
-            nudge.hold(kind, slot)
+            if not nudge.hold(kind, slot, token):
+                return handled  # a newer task took this slot: it carries on, not us
             if full and drains > 1:
                 nudge.nudge(again, kind=kind, slots=drains)
             continue
         if settled:
             return handled
-        nudge.settle(kind, slot)
+        nudge.settle(kind, slot, token)
         settled = True
-    try:
-        again.apply_async(kwargs={"slot": slot}, retry=False)  # more work left: a fresh task
-    except Exception:
-        logger.warning("could not hand the %s drain over; the sweeper will", kind, exc_info=True)
-        nudge.settle(kind, slot)
+    if settled or nudge.hold(kind, slot, token):
+        try:
+            again.apply_async(kwargs={"slot": slot}, retry=False)  # more work left: a fresh task
+        except Exception:
+            logger.warning("could not hand the %s drain over; the sweeper will", kind, exc_info=True)
+            nudge.settle(kind, slot, token)
     return handled
 
 

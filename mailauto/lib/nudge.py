@@ -9,8 +9,11 @@ committed around that moment is never left waiting for the sweeper:
   marker, so the task's final look (after clearing) sees the row;
 - an emitter that finds the marker clear publishes a fresh nudge.
 
-A task that keeps finding work holds its marker (`hold`, HOLD_TTL_SECONDS) after every
-batch, so a long drain never looks like a lost nudge and draws no duplicate task; a
+A task takes its marker as it starts (`take`: the marker holds the task's own token) and
+holds it (`hold`, HOLD_TTL_SECONDS) after every batch that found work, so a long drain
+never looks like a lost nudge and draws no duplicate task; if a duplicate starts anyway
+(the marker expired), the newer task owns the slot and the older one stops at its next
+hold and publishes no continuation, so duplicates never outlive one batch. A
 batch that comes back full recruits helpers on further marker slots, up to
 MAILAUTO_EVENT_DRAINS / MAILAUTO_SEND_DRAINS tasks of a kind. The markers have TTLs, so
 a task that dies holding one delays work by at most HOLD_TTL_SECONDS; the beat sweeper
@@ -23,6 +26,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import threading
 import time
 from typing import Any
@@ -83,19 +87,50 @@ def nudge(task: Any, *, kind: str, slots: int = 1) -> None:
         return
 
 
-def hold(kind: str, slot: int = 0) -> None:
-    """Called by a task after a batch that found work: it will look again (or hand over
-    to its continuation), so it is the pending nudge of its slot."""
+def take(kind: str, slot: int = 0) -> int:
+    """Called by a task as it starts on `slot`: the marker now names it, so a task that
+    was already draining this slot (a duplicate, e.g. after the marker expired) sees at its
+    next hold() that it is no longer the slot's task and stops. Returns the task's token."""
+    token = secrets.randbits(62) + 2  # an emitter's marker is 1
     try:
-        cache.set(_key(kind, slot), 1, timeout=HOLD_TTL_SECONDS)
+        cache.set(_key(kind, slot), token, timeout=HOLD_TTL_SECONDS)
+    except Exception:
+        logger.debug("could not take the nudge marker", exc_info=True)
+    return token
+
+
+def hold(kind: str, slot: int = 0, token: int | None = None) -> bool:
+    """Called by a task after a batch that found work: it will look again (or hand over
+    to its continuation), so it is the pending nudge of its slot. False when another task
+    has taken the slot since: this one should stop, and publish no continuation."""
+    key = _key(kind, slot)
+    try:
+        if token is None:
+            cache.set(key, 1, timeout=HOLD_TTL_SECONDS)
+            return True
+        if hasattr(cache, "set_if_free_or_equal"):  # Redis: one atomic compare-and-set
+            return bool(cache.set_if_free_or_equal(key, token, HOLD_TTL_SECONDS))
+        # Other caches (the embedded file cache): the same check, not atomic; a race
+        # leaves at worst one duplicate task, as before tokens existed.
+        if cache.get(key) not in (None, token):
+            return False
+        cache.set(key, token, timeout=HOLD_TTL_SECONDS)
     except Exception:
         logger.debug("could not hold the nudge marker", exc_info=True)
+    return True
 
 
-def settle(kind: str, slot: int = 0) -> None:
-    """Called by a task that found no work, right before it looks one last time."""
+def settle(kind: str, slot: int = 0, token: int | None = None) -> None:
+    """Called by a task that found no work, right before it looks one last time. With a
+    token, only the slot's own task lets go of it (a newer task keeps its marker)."""
+    key = _key(kind, slot)
     try:
-        cache.delete(_key(kind, slot))
+        if token is None:
+            cache.delete(key)
+        elif hasattr(cache, "delete_if_equal"):
+            cache.delete_if_equal(key, token)
+        elif cache.get(key) == token:
+            cache.delete(key)
     except Exception:
         logger.debug("could not clear the nudge marker", exc_info=True)
 

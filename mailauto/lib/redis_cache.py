@@ -30,11 +30,29 @@ return false
 """
 
 
+# A nudge marker owned by a task: take it if it is free or already ours (compare-and-set),
+# and let go of it only if it is still ours (mailauto/lib/nudge.py).
+SET_IF_FREE_OR_EQUAL = """
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+    return 1
+end
+return 0
+"""
+DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 class ReusingRedisCacheClient(RedisCacheClient):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._clients: dict[int, Any] = {}
-        self._incr_script: Any = None
+        self._scripts: dict[str, Any] = {}
 
     def get_client(self, key: Any = None, *, write: bool = False) -> Any:
         # Private helpers of Django's client (not in django-stubs), as its own get_client uses.
@@ -45,12 +63,15 @@ class ReusingRedisCacheClient(RedisCacheClient):
             client = self._clients[index] = self._client(connection_pool=pool)  # type: ignore[attr-defined]
         return client
 
-    def incr(self, key: Any, delta: int) -> int:
+    def run_script(self, source: str, key: Any, *args: Any) -> Any:
+        """EVALSHA of `source` on `key` (EVAL once if this Redis has not seen it yet)."""
         client = self.get_client(key, write=True)
-        if self._incr_script is None:
-            # EVALSHA, and EVAL once if this Redis has not seen the script yet.
-            self._incr_script = client.register_script(INCR_IF_EXISTS)
-        value = self._incr_script(keys=[key], args=[delta], client=client)
+        if source not in self._scripts:
+            self._scripts[source] = client.register_script(source)
+        return self._scripts[source](keys=[key], args=list(args), client=client)
+
+    def incr(self, key: Any, delta: int) -> int:
+        value = self.run_script(INCR_IF_EXISTS, key, delta)
         if value is None:
             raise ValueError(f"Key '{key}' not found.")
         return int(value)
@@ -60,3 +81,12 @@ class RedisCache(DjangoRedisCache):
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         super().__init__(server, params)
         self._class = ReusingRedisCacheClient
+
+    def set_if_free_or_equal(self, key: str, value: int, timeout: float) -> bool:
+        """Set `key` to the integer `value` unless it holds something else; atomic."""
+        made = self.make_and_validate_key(key)
+        return bool(self._cache.run_script(SET_IF_FREE_OR_EQUAL, made, value, max(1, int(timeout))))
+
+    def delete_if_equal(self, key: str, value: int) -> bool:
+        made = self.make_and_validate_key(key)
+        return bool(self._cache.run_script(DELETE_IF_EQUAL, made, value))

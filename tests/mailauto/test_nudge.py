@@ -10,7 +10,7 @@ from pathlib import Path
 from unittest import mock
 
 from django.core.cache import cache
-from django.test import SimpleTestCase
+from django.test import SimpleTestCase, override_settings
 
 from campaigns import tasks
 from mailauto.lib import nudge
@@ -81,8 +81,7 @@ class NudgeTests(SimpleTestCase):
             return 0, False
 
         tasks._drain("test", run_batch, mock.Mock(), slot=0, drains=1)
-        self.assertLessEqual(ttls[0], nudge.MARKER_TTL_SECONDS)  # the emitter's marker
-        self.assertTrue(all(ttl > nudge.MARKER_TTL_SECONDS for ttl in ttls[1:]), ttls)  # held
+        self.assertTrue(all(ttl > nudge.MARKER_TTL_SECONDS for ttl in ttls), ttls)  # taken, then held
         emitter_task.apply_async.assert_not_called()
         # Drained and settled: the next emitter's nudge publishes again.
         nudge.nudge(emitter_task, kind="test")
@@ -126,6 +125,55 @@ class DrainFailureAndRecruitTests(SimpleTestCase):
             nudge.nudge(emitted, kind="test")
         recruit.apply_async.assert_not_called()  # helpers would multiply unchecked
         emitted.apply_async.assert_called_once_with(retry=False)  # an emitter still nudges
+
+
+class DrainOwnershipTests(SimpleTestCase):
+    def setUp(self) -> None:
+        cache.delete("mailauto:nudge:test")
+        self.addCleanup(cache.delete, "mailauto:nudge:test")
+
+    def test_of_two_drains_on_one_slot_the_older_stops_and_hands_over_nothing(self) -> None:
+        # A duplicate started (say the marker expired under a batch longer than its TTL):
+        # the newer task takes the slot, the older one stops after its current batch.
+        older_again, newer_again = mock.Mock(), mock.Mock()
+        batches = 0
+
+        def older_batch() -> tuple[int, bool]:
+            nonlocal batches
+            batches += 1
+            if batches == 2:  # meanwhile the newer task starts and drains everything
+                tasks._drain("test", lambda: (0, False), newer_again, slot=0, drains=1)
+                nudge.take("test")  # ... and a third one is running now
+            return 5, False
+
+        with mock.patch.object(tasks, "TASK_TIME_BUDGET_SECONDS", 60.0):
+            handled = tasks._drain("test", older_batch, older_again, slot=0, drains=1)
+        self.assertEqual((handled, batches), (10, 2))  # stopped after the batch it had
+        older_again.apply_async.assert_not_called()  # no continuation from the older one
+        self.assertIsNotNone(cache.get("mailauto:nudge:test"))  # the newest task's marker stays
+
+    def test_ownership_without_redis_follows_the_same_rules(self) -> None:
+        # The embedded defaults use a file cache: no Lua, the same checks in Python.
+        locmem = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+        with override_settings(CACHES=locmem):
+            first = nudge.take("test")
+            self.assertTrue(nudge.hold("test", token=first))
+            second = nudge.take("test")
+            self.assertFalse(nudge.hold("test", token=first))
+            nudge.settle("test", token=first)  # not its slot any more: leaves the marker
+            self.assertEqual(cache.get("mailauto:nudge:test"), second)
+            nudge.settle("test", token=second)
+            self.assertIsNone(cache.get("mailauto:nudge:test"))
+
+    def test_a_drain_out_of_time_hands_over_to_one_fresh_task(self) -> None:
+        again = mock.Mock()
+        with mock.patch.object(tasks, "TASK_TIME_BUDGET_SECONDS", 0.05):
+            tasks._drain("test", lambda: (5, False), again, slot=0, drains=1)
+        again.apply_async.assert_called_once_with(kwargs={"slot": 0}, retry=False)
+        # Its marker still held for the continuation: an emitter publishes nothing.
+        emitter = mock.Mock()
+        nudge.nudge(emitter, kind="test")
+        emitter.apply_async.assert_not_called()
 
 
 class NudgeSoonTests(SimpleTestCase):
