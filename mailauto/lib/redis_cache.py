@@ -17,7 +17,7 @@ key.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.core.cache.backends.redis import RedisCache as DjangoRedisCache
 from django.core.cache.backends.redis import RedisCacheClient
@@ -85,8 +85,11 @@ class RedisCache(DjangoRedisCache):
     def set_if_free_or_equal(self, key: str, value: int, timeout: float) -> bool:
         """Set `key` to the integer `value` unless it holds something else; atomic."""
         made = self.make_and_validate_key(key)
-        return bool(self._cache.run_script(SET_IF_FREE_OR_EQUAL, made, value, max(1, int(timeout))))
+        return bool(self._client().run_script(SET_IF_FREE_OR_EQUAL, made, value, max(1, int(timeout))))
 
     def delete_if_equal(self, key: str, value: int) -> bool:
         made = self.make_and_validate_key(key)
-        return bool(self._cache.run_script(DELETE_IF_EQUAL, made, value))
+        return bool(self._client().run_script(DELETE_IF_EQUAL, made, value))
+
+    def _client(self) -> ReusingRedisCacheClient:
+        return cast(ReusingRedisCacheClient, self._cache)
