@@ -99,15 +99,12 @@ def take(kind: str, slot: int = 0) -> int:
     return token
 
 
-def hold(kind: str, slot: int = 0, token: int | None = None) -> bool:
+def hold(kind: str, slot: int, token: int) -> bool:
     """Called by a task after a batch that found work: it will look again (or hand over
     to its continuation), so it is the pending nudge of its slot. False when another task
     has taken the slot since: this one should stop, and publish no continuation."""
     key = _key(kind, slot)
     try:
-        if token is None:
-            cache.set(key, 1, timeout=HOLD_TTL_SECONDS)
-            return True
         if hasattr(cache, "set_if_free_or_equal"):  # Redis: one atomic compare-and-set
             return bool(cache.set_if_free_or_equal(key, token, HOLD_TTL_SECONDS))
         # Other caches (the embedded file cache): the same check, not atomic; a race

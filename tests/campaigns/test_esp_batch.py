@@ -79,20 +79,7 @@ class BatchSendTests(SandboxTestCase):
         self.assertEqual(len(self.sandbox.messages()), 2)  # the ESP has them; we must not resend
 
     def test_more_than_500_messages_take_two_requests(self) -> None:
-        contacts = [factories.contact(email=f"bulk{n}@example.com") for n in range(501)]
-        Message.objects.bulk_create(
-            [
-                Message(
-                    idempotency_key=f"bulk-{n}",
-                    template_version=self.version,
-                    contact=contact,
-                    to_email=contact.email,
-                    event=self.event,
-                    purpose="marketing",
-                )
-                for n, contact in enumerate(contacts)
-            ]
-        )
+        queue_bulk(501, version=self.version, event=self.event, key="bulk")
         result = messages_send_batch(limit=501)
         self.assertEqual((result.sent, result.requests), (501, 2))
         self.assertEqual(len(self.sandbox.messages()), 501)
@@ -381,20 +368,7 @@ class ResendBatchSendTests(ResendSandboxTestCase):
         self.assertEqual(len(self.sandbox.messages()), 2)
 
     def test_more_than_100_messages_take_two_requests_of_at_most_100(self) -> None:
-        contacts = [factories.contact(email=f"bulk{n}@example.com") for n in range(101)]
-        Message.objects.bulk_create(
-            [
-                Message(
-                    idempotency_key=f"resend-bulk-{n}",
-                    template_version=self.version,
-                    contact=contact,
-                    to_email=contact.email,
-                    event=self.event,
-                    purpose="marketing",
-                )
-                for n, contact in enumerate(contacts)
-            ]
-        )
+        queue_bulk(101, version=self.version, event=self.event, key="resend-bulk")
         result = messages_send_batch(limit=101)
         self.assertEqual((result.sent, result.requests), (101, 2))
         self.assertEqual(self.sandbox.stats()["batch_requests"], 2)
@@ -432,3 +406,19 @@ class ResendAnswerParsingTests(SimpleTestCase):
             with self.subTest(answer=answer), self.assertRaises(AnymailAPIError) as caught:
                 self.parse(answer, expected=2)
             self.assertEqual(classify_send_error(caught.exception).kind, ErrorKind.AMBIGUOUS)
+
+
+def queue_bulk(count: int, *, version: object, event: object, key: str) -> None:
+    """`count` queued messages, each to a contact of its own."""
+    contacts = [factories.contact(email=f"bulk{n}@example.com") for n in range(count)]
+    Message.objects.bulk_create(
+        Message(
+            idempotency_key=f"{key}-{n}",
+            template_version=version,
+            contact=contact,
+            to_email=contact.email,
+            event=event,
+            purpose="marketing",
+        )
+        for n, contact in enumerate(contacts)
+    )

@@ -112,7 +112,7 @@ class DrainFailureAndRecruitTests(SimpleTestCase):
 
     def test_a_recruit_keeps_its_slot_while_it_waits_in_the_queue(self) -> None:
         client = cache._cache.get_client(write=True)  # type: ignore[attr-defined]
-        nudge.hold("test")  # the drain recruiting
+        nudge.take("test")  # the drain recruiting
         recruit = mock.Mock()
         nudge.nudge(recruit, kind="test", slots=3)
         recruit.apply_async.assert_called_once_with(kwargs={"slot": 1}, retry=False)
@@ -157,9 +157,9 @@ class DrainOwnershipTests(SimpleTestCase):
         locmem = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
         with override_settings(CACHES=locmem):
             first = nudge.take("test")
-            self.assertTrue(nudge.hold("test", token=first))
+            self.assertTrue(nudge.hold("test", 0, first))
             second = nudge.take("test")
-            self.assertFalse(nudge.hold("test", token=first))
+            self.assertFalse(nudge.hold("test", 0, first))
             nudge.settle("test", token=first)  # not its slot any more: leaves the marker
             self.assertEqual(cache.get("mailauto:nudge:test"), second)
             nudge.settle("test", token=second)

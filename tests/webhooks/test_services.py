@@ -574,14 +574,16 @@ class ConcurrencyTests(TransactionTestCase):
         self.assertEqual(self.message.status, Status.COMPLAINED)
         self.assertEqual(TrackingEvent.objects.count(), 2)
 
-    def test_the_same_event_racing_itself_is_stored_once(self) -> None:
-        start = threading.Barrier(4)
+    def record_racing(self, name: str, *, threads: int) -> list[object]:
+        """Record the same event (fixture `name`) from `threads` connections at once,
+        each thread parsing the webhook itself as a request would; their results."""
+        start = threading.Barrier(threads)
         results: list[object] = []
         errors: list[BaseException] = []
 
         def record() -> None:
             try:
-                event = self.event("bounce")
+                event = self.event(name)
                 start.wait(timeout=30)
                 results.append(tracking_event_record(esp="postmark", event=event))
             except BaseException as err:
@@ -589,39 +591,22 @@ class ConcurrencyTests(TransactionTestCase):
             finally:
                 connections.close_all()
 
-        threads = [threading.Thread(target=record) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
-
+        workers = [threading.Thread(target=record) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=30)
         self.assertEqual(errors, [])
+        return results
+
+    def test_the_same_event_racing_itself_is_stored_once(self) -> None:
+        results = self.record_racing("bounce", threads=4)
         self.assertEqual(sum(result is not None for result in results), 1)
         self.assertEqual(TrackingEvent.objects.count(), 1)
         self.assertEqual(SuppressionLogEntry.objects.count(), 1)
 
     def test_the_same_delivery_racing_itself_is_stored_once(self) -> None:
-        start = threading.Barrier(4)
-        results: list[object] = []
-        errors: list[BaseException] = []
-
-        def record() -> None:
-            try:
-                event = self.event("delivery")
-                start.wait(timeout=30)
-                results.append(tracking_event_record(esp="postmark", event=event))
-            except BaseException as err:
-                errors.append(err)
-            finally:
-                connections.close_all()
-
-        threads = [threading.Thread(target=record) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
-
-        self.assertEqual(errors, [])
+        results = self.record_racing("delivery", threads=4)
         self.assertEqual(sum(result is not None for result in results), 1)
         self.assertEqual(TrackingEvent.objects.count(), 1)
         self.message.refresh_from_db()
