@@ -104,12 +104,21 @@ def sweep_outbox() -> None:
     delivery.messages_bury_poison()
     due_events = OutboxEvent.objects.filter(processing.claimable_events_q(now))
     due_messages = Message.objects.filter(delivery.claimable_messages_q(now))
-    # Through the markers like any nudge: a drain under way holds them, and one that
-    # died lets go within HOLD_TTL_SECONDS.
+    # Straight past the markers: the sweeper is the way back after a crash, and a worker
+    # killed mid-drain leaves its marker held for HOLD_TTL_SECONDS. If a drain is alive
+    # after all, the fresh task takes its slot and the older one stops after its batch
+    # (slot tokens, mailauto/lib/nudge.py): never more than one task per slot for long.
     if due_events.exists():
-        nudge.nudge(events_process, kind="events")
+        _publish(events_process, "events")
     if due_messages.exists():
-        nudge.nudge(messages_send, kind="sends")
+        _publish(messages_send, "sends")
+
+
+def _publish(task: Any, kind: str) -> None:
+    try:
+        task.apply_async(retry=False)
+    except Exception:
+        logger.warning("could not nudge the %s workers; the next sweep will", kind, exc_info=True)
 
 
 @shared_task(ignore_result=True)

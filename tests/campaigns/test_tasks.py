@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 from unittest import mock
 
+from django.core.cache import cache
 from django.test import TestCase
 from django.utils import timezone
 
 from campaigns.models import Message
 from campaigns.tasks import sweep_outbox
+from mailauto.lib import nudge
 from tests import factories
 
 
@@ -44,6 +46,18 @@ class SweepTests(TestCase):
         factories.message(self.version, self.contact, send_after=timezone.now() - timedelta(seconds=1))
         _, sends = self.run_sweep()
         sends.assert_called_once()
+
+    def test_a_marker_left_by_a_killed_drain_does_not_hold_up_the_sweeper(self) -> None:
+        # A worker SIGKILLed mid-drain leaves its slot's marker held for HOLD_TTL_SECONDS;
+        # the sweeper, the way back after a crash, must not wait for it to expire.
+        nudge.take("sends")
+        nudge.take("events")
+        self.addCleanup(cache.delete_many, ["mailauto:nudge:sends", "mailauto:nudge:events"])
+        factories.outbox_event(self.type, self.contact.user_id)
+        factories.message(self.version, self.contact)
+        events, sends = self.run_sweep()
+        events.assert_called_once_with(retry=False)
+        sends.assert_called_once_with(retry=False)
 
     def test_expired_sending_lease_becomes_unknown(self) -> None:
         message = factories.message(
