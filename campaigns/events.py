@@ -26,6 +26,7 @@ from campaigns.exceptions import InvalidContact, InvalidEvent, InvalidInput
 from campaigns.models import Contact, EventType, OutboxEvent
 from campaigns.schemas import PayloadError, validate_payload
 from mailauto.lib.nudge import nudge_soon
+from mailauto.lib.prepared import prepared_cursor
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ def _insert_events(rows: list[OutboxEvent], using: str = DEFAULT_DB_ALIAS) -> No
     batch = max(1, min(INSERT_BATCH, connection.ops.bulk_batch_size([f for f, _ in statement.fields], rows)))
     # Several INSERTs are all or nothing even for a caller in autocommit (emit_many's
     # promise); inside the caller's transaction this adds nothing (no savepoint).
-    with transaction.atomic(using=using, savepoint=False), connection.cursor() as cursor:
+    with transaction.atomic(using=using, savepoint=False), prepared_cursor(connection) as cursor:
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
             params: list[Any] = []

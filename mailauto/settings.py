@@ -93,6 +93,18 @@ if env.str("DATABASE_URL", default=""):
     DATABASES = {"default": env.db("DATABASE_URL")}
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        # Django's backend with a health check that needs no SELECT 1 per request.
+        DATABASES["default"]["ENGINE"] = "mailauto.lib.postgresql"
+        # The hot statements (emit()'s INSERT, the webhook receiver's) prepare themselves
+        # after this many runs on a connection (mailauto/lib/prepared.py); Django's own
+        # queries bind on the client and never prepare. Off for a transaction-mode pooler
+        # that cannot keep prepared statements.
+        DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = (
+            env.int("DB_PREPARE_THRESHOLD", default=5)
+            if env.bool("DB_PREPARED_STATEMENTS", default=True)
+            else None
+        )
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {

@@ -22,6 +22,7 @@ from django.http import QueryDict
 from django.utils import timezone
 
 from campaigns.models import Message
+from mailauto.lib.prepared import prepared_cursor
 from suppression.models import Suppression
 from suppression.services import normalize_email, suppression_add
 from webhooks.models import TrackingEvent
@@ -295,7 +296,7 @@ def _record_in_one_statement(
         *(values[f.attname] for f in _insert_fields() if f.name != "message"),
         *_advance_params(tracking_event=tracking_event, target=target, now=now, connection=connection),
     ]
-    with connection.cursor() as cursor:
+    with prepared_cursor(connection) as cursor:
         cursor.execute(_record_sql(connection.vendor, target), params)
         row = cursor.fetchone()
     if row is None:
