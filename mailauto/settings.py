@@ -131,8 +131,15 @@ if REDIS_URL:
             # rate limits, the suppression mirror) has a fallback, and none should hang
             # a request or a worker for the OS's connect timeout.
             "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 5},
-        }
+        },
+        # django-ratelimit's counters, one round trip per request (mailauto/lib/redis_cache.py).
+        "ratelimit": {
+            "BACKEND": "mailauto.lib.redis_cache.RateLimitCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 5},
+        },
     }
+    RATELIMIT_USE_CACHE = "ratelimit"
     CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
     # An unacknowledged task is redelivered after this long (acks_late); tasks hand over
     # to a fresh task within ~20 s, so an hour only ever matters for a dead worker.

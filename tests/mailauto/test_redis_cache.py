@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import uuid
+
 from django.core.cache import cache
 from django.test import SimpleTestCase
 
@@ -47,3 +50,95 @@ class RedisCacheTests(SimpleTestCase):
         self.assertTrue(0 < client.ttl(key) <= 60)
         with self.assertRaises(ValueError):
             cache.incr("mailauto:test:missing")
+
+
+def _ratelimited_requests(rate: str, count: int, address: str) -> list[bool]:
+    """django-ratelimit's verdicts for `count` requests from `address` (a process of its own)."""
+    import django
+
+    django.setup()
+    from django.test import RequestFactory
+    from django_ratelimit.core import is_ratelimited
+
+    request = RequestFactory().post("/webhooks/postmark/tracking/", REMOTE_ADDR=address)
+    return [
+        is_ratelimited(request, group="test:rl", key="ip", rate=rate, increment=True) for _ in range(count)
+    ]
+
+
+class RateLimitCacheTests(SimpleTestCase):
+    """django-ratelimit's counters through RateLimitCache: the same verdicts, one round trip."""
+
+    def setUp(self) -> None:
+        from django.core.cache import caches
+
+        self.cache = caches["ratelimit"]
+        self.client_ = self.cache._cache.get_client(write=True)  # type: ignore[attr-defined]
+        self.address = f"10.9.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"
+
+    def test_it_is_the_cache_django_ratelimit_uses(self) -> None:
+        from django.conf import settings
+
+        from mailauto.lib.redis_cache import RateLimitCache
+
+        self.assertEqual(settings.RATELIMIT_USE_CACHE, "ratelimit")
+        self.assertIsInstance(self.cache, RateLimitCache)
+
+    def test_the_limit_holds_with_one_round_trip_per_request(self) -> None:
+        sent: list[object] = []
+        original = self.client_.execute_command
+
+        def counting(*args: object, **kwargs: object) -> object:
+            sent.append(args[0])
+            return original(*args, **kwargs)
+
+        noted = set(self.cache._notes)  # type: ignore[attr-defined]
+        self.client_.execute_command = counting
+        try:
+            verdicts = _ratelimited_requests("3/m", 5, self.address)
+        finally:
+            del self.client_.execute_command
+        self.assertEqual(verdicts, [False, False, False, True, True])
+        self.assertEqual(sent, ["EVALSHA"] * 5)  # not SET NX, then EVALSHA
+        [key] = set(self.cache._notes) - noted  # type: ignore[attr-defined]
+        self.addCleanup(self.client_.delete, key)
+        self.assertEqual(self.client_.get(key), b"5")
+        # The counter expires with its window, as the SET NX EX that add() would have
+        # sent: the period plus django-ratelimit's EXPIRATION_FUDGE (5 s).
+        self.assertTrue(0 < self.client_.ttl(key) <= 60 + 5)
+
+    def test_a_counter_that_vanished_is_created_again_with_an_expiry(self) -> None:
+        self.cache.add("test:rl:gone", 1, 30)
+        self.assertEqual(self.cache.incr("test:rl:gone"), 1)
+        self.client_.delete(self.cache.make_key("test:rl:gone"))  # e.g. Redis restarted
+        self.assertEqual(self.cache.incr("test:rl:gone"), 1)
+        self.assertEqual(self.cache.incr("test:rl:gone"), 2)
+        self.assertTrue(0 < self.client_.ttl(self.cache.make_key("test:rl:gone")) <= 30)
+        self.cache.delete("test:rl:gone")
+
+    def test_anything_else_keeps_djangos_contract(self) -> None:
+        with self.assertRaises(ValueError):
+            self.cache.incr("test:rl:never-added")
+        # A value that is not a counter, or no timeout: a real add.
+        self.assertTrue(self.cache.add("test:rl:text", "x", 30))
+        self.assertFalse(self.cache.add("test:rl:text", "y", 30))
+        self.assertEqual(self.cache.get("test:rl:text"), "x")
+        self.cache.delete("test:rl:text")
+
+    def test_reading_the_usage_does_not_count(self) -> None:
+        from django.test import RequestFactory
+        from django_ratelimit.core import get_usage
+
+        request = RequestFactory().post("/", REMOTE_ADDR=self.address)
+        _ratelimited_requests("10/m", 2, self.address)
+        usage = get_usage(request, group="test:rl", key="ip", rate="10/m", increment=False)
+        assert usage is not None
+        self.assertEqual((usage["count"], usage["should_limit"]), (2, False))
+
+    def test_the_limit_holds_across_processes(self) -> None:
+        # 4 processes of 40 requests against one limit of 100: exactly 100 pass.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(4) as pool:
+            results = pool.starmap(_ratelimited_requests, [("100/h", 40, self.address)] * 4)
+        verdicts = [v for r in results for v in r]
+        self.assertEqual((verdicts.count(False), verdicts.count(True)), (100, 60))
