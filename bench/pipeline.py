@@ -337,6 +337,14 @@ def emit_producer_prepare(*, mode: str, index: int, seconds: float, max_events: 
     events_module.nudge_event_workers = timed_nudge  # type: ignore[assignment]
     for warmup in range(20):
         _emit_one(mode, f"warmup-{index}-{warmup}", warmup, state)
+    from django.db import connection
+
+    # This producer's Postgres backend (same machine): its CPU per event is read from
+    # /proc, beside the producer's own, because wall-clock rates on a shared 2-core
+    # machine move with whatever else runs; CPU per event says what each event costs.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        state["backend_pid"] = cursor.fetchone()[0]
     return state
 
 
@@ -344,31 +352,46 @@ def emit_producer(
     state: dict[str, Any], *, mode: str, index: int, seconds: float, max_events: int | None
 ) -> dict[str, Any]:
     """One producer of the emit benchmark: one event per transaction, as a web request
-    would emit, for `seconds` or `max_events`."""
+    would emit (EMIT_PER_TRANSACTION events for the "emit10" mode), for `seconds` or
+    `max_events`."""
     call_ms: list[float] = []
     commit_ms: list[float] = []
     nudge_ms: list[float] = []
+    backend = state["backend_pid"]
+    cpu_before, backend_before = time.process_time(), _process_cpu_seconds(backend)
     started = time.perf_counter()
     end = started + seconds
     count = 0
     while time.perf_counter() < end and (max_events is None or count < max_events):
-        call, commit, nudge = _emit_one(mode, f"p{index}-{count}", count, state)
-        call_ms.append(call * 1000)
+        calls, commit, nudge = _emit_one(mode, f"p{index}-{count}", count, state)
+        call_ms.extend(call * 1000 for call in calls)
         commit_ms.append(commit * 1000)
         nudge_ms.append(nudge * 1000)
-        count += 1
+        count += len(calls)
     return {
         "events": count,
         "seconds": time.perf_counter() - started,
         "call_ms": call_ms,
         "commit_ms": commit_ms,
         "nudge_ms": nudge_ms,
+        "client_cpu_s": time.process_time() - cpu_before,
+        "postgres_cpu_s": _process_cpu_seconds(backend) - backend_before,
         "peak_rss_mb": _peak_rss_mb(),
     }
 
 
-def _emit_one(mode: str, user_id: str, i: int, state: dict[str, Any]) -> tuple[float, float, float]:
-    """One transaction; returns (the call inside it, COMMIT, the on-commit nudge) in seconds."""
+# The "emit10" mode: a caller that emits several events in one transaction (a signup
+# that records three things, an import); shows what the per-transaction COMMIT costs.
+EMIT_PER_TRANSACTION = 10
+EMIT_MODES = {
+    "emit": "campaigns.emit()",
+    "insert": "OutboxEvent.objects.create() (base)",
+    "emit10": f"emit() x{EMIT_PER_TRANSACTION} per transaction",
+}
+
+
+def _emit_one(mode: str, user_id: str, i: int, state: dict[str, Any]) -> tuple[list[float], float, float]:
+    """One transaction; returns (each call inside it, COMMIT, the on-commit nudge) in seconds."""
     from django.db import connection, transaction
     from django.utils import timezone
 
@@ -385,8 +408,14 @@ def _emit_one(mode: str, user_id: str, i: int, state: dict[str, Any]) -> tuple[f
         # adds to a transaction that is already under way, as in a real request.
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
+        calls: list[float] = []
         tick = time.perf_counter()
-        if mode == "emit":
+        if mode == "emit10":
+            for _ in range(EMIT_PER_TRANSACTION):
+                campaigns.emit(EVENT_TYPE, user_id, payload, source="bench")
+                calls.append(time.perf_counter() - tick)
+                tick = time.perf_counter()
+        elif mode == "emit":
             campaigns.emit(EVENT_TYPE, user_id, payload, source="bench")
         else:
             # The baseline: the same row through the ORM, with no validation, no
@@ -402,9 +431,11 @@ def _emit_one(mode: str, user_id: str, i: int, state: dict[str, Any]) -> tuple[f
                 available_at=now,
             )
         called = time.perf_counter()
+        if mode != "emit10":
+            calls.append(called - tick)
     committed = time.perf_counter()
     nudge = state["nudge_s"]
-    return called - tick, committed - called - nudge, nudge
+    return calls, committed - called - nudge, nudge
 
 
 # --- the scenarios --------------------------------------------------------------------------
@@ -674,7 +705,7 @@ class Bench:
         with self.database("mailauto_bench_emit") as db:
             env = self.servers.child_env(db, sandbox_url)
             run_step(setup_emit, env)
-            for mode in ("emit", "insert"):
+            for mode in EMIT_MODES:
                 flush_redis(self.servers.redis_url)
                 kwargs = [
                     {"mode": mode, "index": i, "seconds": plan.emit_seconds, "max_events": plan.emit_events}
@@ -705,7 +736,7 @@ def _pgbench() -> str | None:
 
 
 def pgbench_insert(database_url: str, *, clients: int, seconds: float) -> dict[str, Any] | None:
-    """The same outbox INSERT from pgbench, one per transaction, `clients` connections:
+    """The same outbox INSERT from pgbench (prepared, as emit() sends it), one per transaction, `clients` connections:
     what Postgres alone does on this machine with no Python in the loop, the ceiling
     for any emit(). None when pgbench is not installed."""
     from urllib.parse import urlsplit
@@ -729,7 +760,7 @@ def pgbench_insert(database_url: str, *, clients: int, seconds: float) -> dict[s
     )
     url = urlsplit(database_url)
     command = [
-        program, "-n", "-c", str(clients), "-j", str(clients), "-T", str(max(1, round(seconds))),
+        program, "-n", "-M", "prepared", "-c", str(clients), "-j", str(clients), "-T", str(max(1, round(seconds))),
         "-f", str(script), "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 5432),
         "-U", url.username or "postgres", url.path.lstrip("/"),
     ]  # fmt: skip
@@ -760,6 +791,12 @@ def _summarise_producers(reports: list[dict[str, Any]]) -> dict[str, Any]:
     events = sum(r["events"] for r in reports)
     seconds = max(r["seconds"] for r in reports)
     return {
+        "client_cpu_ms_per_event": 1000 * sum(r["client_cpu_s"] for r in reports) / events
+        if events
+        else None,
+        "postgres_cpu_ms_per_event": 1000 * sum(r["postgres_cpu_s"] for r in reports) / events
+        if events
+        else None,
         "events": events,
         "events_per_s": events / seconds if seconds else 0.0,
         "call_p50_ms": _percentile(call, 0.50),
@@ -809,26 +846,31 @@ def print_scenario(scenario: dict[str, Any]) -> None:
 
 
 def print_emit(emit: dict[str, Any]) -> None:
-    print(f"\nemit: {emit['producers']} producers, one event per transaction, {emit['seconds']:g} s")
+    print(
+        f"\nemit: {emit['producers']} producers, one event per transaction (the last row: {EMIT_PER_TRANSACTION}), {emit['seconds']:g} s"
+    )
     header = (
         f"{'mode':<34} {'events':>8} {'events/s':>9} {'call p50':>9} {'call p99':>9} "
-        f"{'commit p50':>11} {'commit p99':>11} {'nudge p50':>10} {'nudge p99':>10}"
+        f"{'commit p50':>11} {'commit p99':>11} {'nudge p50':>10} {'nudge p99':>10} "
+        f"{'CPU ms/event: client':>21} {'postgres':>9}"
     )
     print(header)
     print("-" * len(header))
-    names = {"emit": "campaigns.emit()", "insert": "OutboxEvent.objects.create() (base)"}
-    for mode in ("emit", "insert"):
+    for mode, name in EMIT_MODES.items():
+        if mode not in emit:
+            continue
         row = emit[mode]
         print(
-            f"{names[mode]:<34} {row['events']:>8,} {row['events_per_s']:>9,.0f} "
+            f"{name:<34} {row['events']:>8,} {row['events_per_s']:>9,.0f} "
             f"{row['call_p50_ms']:>7.2f}ms {row['call_p99_ms']:>7.2f}ms "
             f"{row['commit_p50_ms']:>9.2f}ms {row['commit_p99_ms']:>9.2f}ms "
-            f"{row['nudge_p50_ms']:>8.2f}ms {row['nudge_p99_ms']:>8.2f}ms"
+            f"{row['nudge_p50_ms']:>8.2f}ms {row['nudge_p99_ms']:>8.2f}ms "
+            f"{_fmt(row['client_cpu_ms_per_event'], '.3f'):>21} {_fmt(row['postgres_cpu_ms_per_event'], '.3f'):>9}"
         )
     ceiling = emit.get("pgbench")
     if ceiling and ceiling["transactions_per_s"]:
         print(
-            f"{'pgbench, the same INSERT (no Python)':<34} {'':>8} {ceiling['transactions_per_s']:>9,.0f} "
+            f"{'pgbench, the same INSERT, prepared':<34} {'':>8} {ceiling['transactions_per_s']:>9,.0f} "
             f"{'':>9} {'':>9} (latency avg {ceiling['latency_avg_ms']:.2f} ms: the ceiling on this machine)"
         )
     print(
@@ -839,6 +881,12 @@ def print_emit(emit: dict[str, Any]) -> None:
         f"targets: ≥ {TARGETS['emit_events_per_s']:,} events/s from 4 producers → "
         f"{emit['emit']['events_per_s']:,.0f}; emit p99 ≤ {TARGETS['emit_p99_ms']:g} ms → "
         f"{emit['emit']['call_p99_ms']:.2f} ms"
+        + (
+            f" ({EMIT_PER_TRANSACTION} per transaction: {emit['emit10']['events_per_s']:,.0f} events/s, "
+            f"p99 {emit['emit10']['call_p99_ms']:.2f} ms)"
+            if "emit10" in emit
+            else ""
+        )
     )
     print(
         "(call: emit() inside a transaction the caller has already begun; commit: COMMIT alone; "
