@@ -104,3 +104,16 @@ class PreparedCursorTests(TestCase):
         for n in range(6):
             emit("prepared.test", f"user-{n}", {})
         self.assertEqual(len(_prepared('INSERT INTO "campaigns_outboxevent"')), 1)
+
+
+class HotTableIndexTests(TestCase):
+    def test_the_tables_written_per_event_and_per_email_have_no_like_indexes(self) -> None:
+        # unique=True or db_index=True on a CharField also builds a varchar_pattern_ops
+        # index on Postgres; every INSERT and non-HOT UPDATE pays for it, and nothing here
+        # queries with LIKE 'x%'. Declare such indexes in Meta instead.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = ANY(%s) AND indexdef LIKE %s",
+                [["campaigns_outboxevent", "campaigns_message", "webhooks_trackingevent"], "%pattern_ops%"],
+            )
+            self.assertEqual(cursor.fetchall(), [])
