@@ -317,7 +317,9 @@ def setup_emit() -> None:
     EventType.objects.create(name=EVENT_TYPE, schema=EVENT_SCHEMA)
 
 
-def emit_producer_prepare(*, mode: str, index: int, seconds: float, max_events: int | None) -> dict[str, Any]:
+def emit_producer_prepare(
+    *, mode: str, index: int, seconds: float, max_events: int | None, pace_per_s: float | None = None
+) -> dict[str, Any]:
     """Warm up one producer (connections to Postgres and Redis) before the clock starts."""
     from campaigns import events as events_module
 
@@ -349,7 +351,13 @@ def emit_producer_prepare(*, mode: str, index: int, seconds: float, max_events: 
 
 
 def emit_producer(
-    state: dict[str, Any], *, mode: str, index: int, seconds: float, max_events: int | None
+    state: dict[str, Any],
+    *,
+    mode: str,
+    index: int,
+    seconds: float,
+    max_events: int | None,
+    pace_per_s: float | None = None,
 ) -> dict[str, Any]:
     """One producer of the emit benchmark: one event per transaction, as a web request
     would emit (EMIT_PER_TRANSACTION events for the "emit10" mode), for `seconds` or
@@ -358,11 +366,17 @@ def emit_producer(
     commit_ms: list[float] = []
     nudge_ms: list[float] = []
     backend = state["backend_pid"]
+    state["round_trip_ms"] = []  # not the warm-up's
     cpu_before, backend_before = time.process_time(), _process_cpu_seconds(backend)
     started = time.perf_counter()
     end = started + seconds
     count = 0
     while time.perf_counter() < end and (max_events is None or count < max_events):
+        if pace_per_s:
+            # Paced: transactions at a fixed rate, as requests arrive, rather than flat out.
+            pause = started + count / pace_per_s - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
         calls, commit, nudge = _emit_one(mode, f"p{index}-{count}", count, state)
         call_ms.extend(call * 1000 for call in calls)
         commit_ms.append(commit * 1000)
@@ -374,6 +388,7 @@ def emit_producer(
         "call_ms": call_ms,
         "commit_ms": commit_ms,
         "nudge_ms": nudge_ms,
+        "round_trip_ms": state.pop("round_trip_ms", []),
         "client_cpu_s": time.process_time() - cpu_before,
         "postgres_cpu_s": _process_cpu_seconds(backend) - backend_before,
         "peak_rss_mb": _peak_rss_mb(),
@@ -387,6 +402,7 @@ EMIT_MODES = {
     "emit": "campaigns.emit()",
     "insert": "OutboxEvent.objects.create() (base)",
     "emit10": f"emit() x{EMIT_PER_TRANSACTION} per transaction",
+    "paced": "emit(), paced at half its rate",
 }
 
 
@@ -408,6 +424,12 @@ def _emit_one(mode: str, user_id: str, i: int, state: dict[str, Any]) -> tuple[l
         # adds to a transaction that is already under way, as in a real request.
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
+            if mode == "paced":
+                # The floor under any statement emit() could send: one round trip to
+                # Postgres inside the transaction, on this machine, at this load.
+                tick = time.perf_counter()
+                cursor.execute("SELECT 1")
+                state.setdefault("round_trip_ms", []).append(1000 * (time.perf_counter() - tick))
         calls: list[float] = []
         tick = time.perf_counter()
         if mode == "emit10":
@@ -415,7 +437,7 @@ def _emit_one(mode: str, user_id: str, i: int, state: dict[str, Any]) -> tuple[l
                 campaigns.emit(EVENT_TYPE, user_id, payload, source="bench")
                 calls.append(time.perf_counter() - tick)
                 tick = time.perf_counter()
-        elif mode == "emit":
+        elif mode in ("emit", "paced"):
             campaigns.emit(EVENT_TYPE, user_id, payload, source="bench")
         else:
             # The baseline: the same row through the ORM, with no validation, no
@@ -707,8 +729,18 @@ class Bench:
             run_step(setup_emit, env)
             for mode in EMIT_MODES:
                 flush_redis(self.servers.redis_url)
+                # "paced": the latency one emit() adds when the machine is not flat out
+                # (a web app's requests leave it idle between them), at half the rate
+                # that "emit" reached in this run.
+                pace = out["emit"]["events_per_s"] / 2 / plan.producers if mode == "paced" else None
                 kwargs = [
-                    {"mode": mode, "index": i, "seconds": plan.emit_seconds, "max_events": plan.emit_events}
+                    {
+                        "mode": mode,
+                        "index": i,
+                        "seconds": plan.emit_seconds,
+                        "max_events": plan.emit_events,
+                        "pace_per_s": pace,
+                    }
                     for i in range(plan.producers)
                 ]
                 _, reports = run_processes(
@@ -790,7 +822,10 @@ def _summarise_producers(reports: list[dict[str, Any]]) -> dict[str, Any]:
     nudge = [v for r in reports for v in r["nudge_ms"]]
     events = sum(r["events"] for r in reports)
     seconds = max(r["seconds"] for r in reports)
+    round_trip = [v for r in reports for v in r["round_trip_ms"]]
     return {
+        "round_trip_p50_ms": _percentile(round_trip, 0.50) if round_trip else None,
+        "round_trip_p99_ms": _percentile(round_trip, 0.99) if round_trip else None,
         "client_cpu_ms_per_event": 1000 * sum(r["client_cpu_s"] for r in reports) / events
         if events
         else None,
@@ -885,6 +920,13 @@ def print_emit(emit: dict[str, Any]) -> None:
             f" ({EMIT_PER_TRANSACTION} per transaction: {emit['emit10']['events_per_s']:,.0f} events/s, "
             f"p99 {emit['emit10']['call_p99_ms']:.2f} ms)"
             if "emit10" in emit
+            else ""
+        )
+        + (
+            f"; paced at {emit['paced']['events_per_s']:,.0f} events/s: p99 {emit['paced']['call_p99_ms']:.2f} ms"
+            f" (a bare round trip to Postgres at that load: p50 {emit['paced']['round_trip_p50_ms']:.2f} ms,"
+            f" p99 {emit['paced']['round_trip_p99_ms']:.2f} ms)"
+            if "paced" in emit
             else ""
         )
     )
