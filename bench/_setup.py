@@ -409,6 +409,51 @@ class Sandbox:
         self.process = None
 
 
+def python_speed_ms() -> float:
+    """Milliseconds one core takes for a fixed pure-Python loop (best of 5): a reading of
+    the machine at the start of a run, printed with the figures. It moves: on
+    2026-11-28 one machine read 36 ms, 62 ms and, hours apart, 117-170 ms (steal time
+    from other tenants). It does not capture everything: at 62 ms that day a
+    do-nothing Django view still served less than half of what it had the day before
+    (memory-bound work suffers more than this loop). Compare runs by the baseline each
+    benchmark measures in the same run, not by this."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+def _echo(sock: socket.socket) -> None:
+    while data := sock.recv(64):
+        sock.sendall(data)
+
+
+def round_trip_us() -> float:
+    """Median microseconds of a one-byte ping-pong with another process over a socket
+    pair: what waking another process costs on this machine right now, which every
+    Postgres and Redis round trip pays twice. A reading, like python_speed_ms."""
+    ours, theirs = socket.socketpair()
+    child = mp.get_context("fork").Process(target=_echo, args=(theirs,), daemon=True)
+    child.start()
+    theirs.close()
+    times = []
+    try:
+        for _ in range(2000):
+            started = time.perf_counter()
+            ours.sendall(b"x")
+            ours.recv(64)
+            times.append(time.perf_counter() - started)
+    finally:
+        ours.close()
+        child.join(timeout=5)
+    times.sort()
+    return times[len(times) // 2] * 1e6
+
+
 def _process_cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

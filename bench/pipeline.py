@@ -62,6 +62,8 @@ from bench._setup import (  # noqa: E402  (needs ROOT on sys.path)
     _process_cpu_seconds,
     flush_redis,
     migrate,
+    python_speed_ms,
+    round_trip_us,
     run_processes,
     run_step,
     setup_mailauto,
@@ -1047,15 +1049,19 @@ def main(argv: list[str] | None = None) -> int:
     run_id = uuid.uuid4().hex[:8]
     bench = Bench(plan, servers, run_id)
     print(f"command: {command}")
+    speed_ms, round_trip = python_speed_ms(), round_trip_us()
     print(
         f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, Postgres {bench.postgres.version()}, "
-        f"load average {os.getloadavg()[0]:.2f}; Redis {servers.redis_url} (flushed)"
+        f"load average {os.getloadavg()[0]:.2f}; Redis {servers.redis_url} (flushed); "
+        f"Python speed {speed_ms:.0f} ms, process round trip {round_trip:.0f} µs (bench/_setup.py: lower is faster)"
     )
     results: dict[str, Any] = {
         "command": command,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),
+            "python_speed_ms": speed_ms,
+            "process_round_trip_us": round_trip,
             "python": platform.python_version(),
             "postgres": bench.postgres.version(),
             "load_average_at_start": os.getloadavg(),

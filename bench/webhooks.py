@@ -484,8 +484,8 @@ def server_description(kind: str, count: int, threads: int) -> str:
 
 def statements_per_webhook(bodies: list[bytes], auth: str) -> float:
     """SQL statements Django runs for one webhook, counted in this process through the
-    same code path (Django's test client, the same URLconf); the connection health check
-    (CONN_HEALTH_CHECKS, one SELECT 1 per request on a reused connection) is not counted."""
+    same code path (Django's test client, the same URLconf). The connection health check
+    (CONN_HEALTH_CHECKS) sends nothing: mailauto.lib.postgresql polls the socket."""
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext, override_settings
@@ -543,6 +543,9 @@ def main() -> None:
         )
     os.environ["DJANGO_SETTINGS_MODULE"] = "mailauto.settings"
     os.environ.setdefault("LOG_LEVEL", "WARNING")
+    from bench._setup import python_speed_ms, round_trip_us
+
+    speed_ms, round_trip = python_speed_ms(), round_trip_us()
 
     import django
 
@@ -602,14 +605,15 @@ def main() -> None:
             f"setup: {n:,} distinct Postmark Delivery webhooks for existing messages; {args.clients} client "
             f"threads (raw HTTP/1.1); {server_description(args.server, args.processes, args.threads)}; Postgres, "
             f"{'Redis' if os.environ.get('REDIS_URL') else 'a file cache'} for the rate limit; "
-            f"{os.cpu_count()} cores, load average {load}"
+            f"{os.cpu_count()} cores, load average {load}; Python speed {speed_ms:.0f} ms, process round "
+            f"trip {round_trip:.0f} µs before the run (bench/_setup.py: lower is faster)"
         )
         print(describe("baseline, a Django view that does nothing", baseline, n))
         print(describe(f"webhooks, {WEBHOOK_PATH}", webhooks, n))
         print(f"ratio webhooks / baseline: {webhooks.rate(n) / baseline.rate(n):.2f}")
         print(
             f"SQL statements per webhook: {statements:.2f} (Django's count, in-process, "
-            f"{STATEMENT_COUNT} webhooks; plus the connection health check's SELECT 1)"
+            f"{STATEMENT_COUNT} webhooks; the health check sends none)"
         )
         print(
             f"check: {stored:,} tracking events stored, {delivered:,} messages advanced to delivered (of {n:,})"
