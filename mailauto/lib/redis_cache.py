@@ -122,9 +122,9 @@ class RateLimitCache(RedisCache):
     wrong here: nothing else should name this cache.
 
     A key of django-ratelimit's holds its time window, and is not used after its
-    timeout; notes for such keys are dropped as new ones come (bounded by the live
-    windows times client addresses). `incr` on a key never noted keeps Django's contract
-    (ValueError when missing).
+    timeout; notes for such keys are dropped when the notes fill up (MAX_NOTES), and
+    past that many live windows at once, add() is the real SET NX EX again. `incr` on a
+    key never noted keeps Django's contract (ValueError when missing).
     """
 
     MAX_NOTES = 10_000
@@ -133,6 +133,7 @@ class RateLimitCache(RedisCache):
         super().__init__(server, params)
         self._notes: dict[str, float] = {}  # key -> when its window's counter expires
         self._notes_lock = threading.Lock()
+        self._next_prune = 0.0
 
     def add(self, key: Any, value: Any, timeout: Any = None, version: Any = None) -> bool:
         if not isinstance(timeout, int | float) or timeout <= 0 or not isinstance(value, int):
@@ -140,10 +141,18 @@ class RateLimitCache(RedisCache):
         made = self.make_and_validate_key(key, version=version)
         now = time.time()
         with self._notes_lock:
-            if made not in self._notes and len(self._notes) >= self.MAX_NOTES:
+            if made in self._notes:
+                return False
+            if len(self._notes) >= self.MAX_NOTES and now >= self._next_prune:
                 self._notes = {k: expires for k, expires in self._notes.items() if expires > now}
-            self._notes.setdefault(made, now + timeout)
-        return False
+                self._next_prune = now + 1.0  # at most once a second, however many keys come
+            if len(self._notes) < self.MAX_NOTES:
+                self._notes[made] = now + timeout
+                return False
+        # Full of live windows (very many client addresses at once): the real SET NX EX,
+        # so that memory and the CPU spent pruning stay bounded; incr then keeps Django's
+        # contract for this key.
+        return bool(super().add(key, value, timeout, version))
 
     def incr(self, key: Any, delta: int = 1, version: Any = None) -> int:
         made = self.make_and_validate_key(key, version=version)

@@ -142,3 +142,44 @@ class RateLimitCacheTests(SimpleTestCase):
             results = pool.starmap(_ratelimited_requests, [("100/h", 40, self.address)] * 4)
         verdicts = [v for r in results for v in r]
         self.assertEqual((verdicts.count(False), verdicts.count(True)), (100, 60))
+
+    def test_past_max_notes_it_falls_back_to_two_round_trips_with_the_same_verdicts(self) -> None:
+        from mailauto.lib.redis_cache import RateLimitCache
+
+        notes = self.cache._notes  # type: ignore[attr-defined]
+        # Fill the notes with live windows of other addresses, as a flood of clients would.
+        self.cache.MAX_NOTES = len(notes) + 3  # type: ignore[attr-defined]
+        self.addCleanup(delattr, self.cache, "MAX_NOTES")
+        self.assertNotEqual(self.cache.MAX_NOTES, RateLimitCache.MAX_NOTES)  # type: ignore[attr-defined]
+        for n in range(3):
+            self.assertFalse(self.cache.add(f"test:rl:flood:{n}", 1, 60))
+        self.assertEqual(len(self.cache._notes), self.cache.MAX_NOTES)  # type: ignore[attr-defined]
+
+        sent: list[object] = []
+        original = self.client_.execute_command
+
+        def counting(*args: object, **kwargs: object) -> object:
+            sent.append(args[0])
+            return original(*args, **kwargs)
+
+        self.client_.execute_command = counting
+        try:
+            verdicts = _ratelimited_requests("2/m", 3, self.address)
+        finally:
+            del self.client_.execute_command
+        self.assertEqual(verdicts, [False, False, True])
+        self.assertEqual(sent, ["SET", "SET", "EVALSHA", "SET", "EVALSHA"])
+        self.assertEqual(len(self.cache._notes), self.cache.MAX_NOTES)  # type: ignore[attr-defined]
+
+    def test_notes_of_windows_that_ended_are_dropped_when_the_notes_fill_up(self) -> None:
+        import time
+        from unittest import mock
+
+        self.cache.MAX_NOTES = len(self.cache._notes) + 2  # type: ignore[attr-defined]
+        self.addCleanup(delattr, self.cache, "MAX_NOTES")
+        self.assertFalse(self.cache.add("test:rl:old:1", 1, 5))
+        self.assertFalse(self.cache.add("test:rl:old:2", 1, 5))
+        later = time.time() + 3600  # every window noted so far has ended
+        with mock.patch("mailauto.lib.redis_cache.time.time", return_value=later):
+            self.assertFalse(self.cache.add("test:rl:new", 1, 60))  # noted: no round trip
+        self.assertEqual(list(self.cache._notes), [self.cache.make_key("test:rl:new")])  # type: ignore[attr-defined]
