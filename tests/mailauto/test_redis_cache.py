@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import multiprocessing
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from django.core.cache import cache
 from django.test import SimpleTestCase
 
 from mailauto.lib.redis_cache import RedisCache
+
+
+@contextmanager
+def commands_sent(client: Any) -> Iterator[list[object]]:
+    """The names of the Redis commands `client` sends inside the block, in order."""
+    sent: list[object] = []
+    original = client.execute_command
+
+    def counting(*args: object, **kwargs: object) -> object:
+        sent.append(args[0])
+        return original(*args, **kwargs)
+
+    client.execute_command = counting
+    try:
+        yield sent
+    finally:
+        del client.execute_command
 
 
 class RedisCacheTests(SimpleTestCase):
@@ -34,18 +54,8 @@ class RedisCacheTests(SimpleTestCase):
         cache.add("mailauto:test:rl", 0, timeout=60)
         key = cache.make_key("mailauto:test:rl")
         self.addCleanup(cache.delete, "mailauto:test:rl")
-        sent: list[object] = []
-        original = client.execute_command
-
-        def counting(*args: object, **kwargs: object) -> object:
-            sent.append(args[0])
-            return original(*args, **kwargs)
-
-        client.execute_command = counting
-        try:
+        with commands_sent(client) as sent:
             self.assertEqual(cache.incr("mailauto:test:rl", 5), 5)
-        finally:
-            del client.execute_command
         self.assertEqual(sent, ["EVALSHA"])  # not EXISTS then INCRBY
         self.assertTrue(0 < client.ttl(key) <= 60)
         with self.assertRaises(ValueError):
@@ -85,19 +95,9 @@ class RateLimitCacheTests(SimpleTestCase):
         self.assertIsInstance(self.cache, RateLimitCache)
 
     def test_the_limit_holds_with_one_round_trip_per_request(self) -> None:
-        sent: list[object] = []
-        original = self.client_.execute_command
-
-        def counting(*args: object, **kwargs: object) -> object:
-            sent.append(args[0])
-            return original(*args, **kwargs)
-
         noted = set(self.cache._notes)  # type: ignore[attr-defined]
-        self.client_.execute_command = counting
-        try:
+        with commands_sent(self.client_) as sent:
             verdicts = _ratelimited_requests("3/m", 5, self.address)
-        finally:
-            del self.client_.execute_command
         self.assertEqual(verdicts, [False, False, False, True, True])
         self.assertEqual(sent, ["EVALSHA"] * 5)  # not SET NX, then EVALSHA
         [key] = set(self.cache._notes) - noted  # type: ignore[attr-defined]
@@ -155,18 +155,8 @@ class RateLimitCacheTests(SimpleTestCase):
             self.assertFalse(self.cache.add(f"test:rl:flood:{n}", 1, 60))
         self.assertEqual(len(self.cache._notes), self.cache.MAX_NOTES)  # type: ignore[attr-defined]
 
-        sent: list[object] = []
-        original = self.client_.execute_command
-
-        def counting(*args: object, **kwargs: object) -> object:
-            sent.append(args[0])
-            return original(*args, **kwargs)
-
-        self.client_.execute_command = counting
-        try:
+        with commands_sent(self.client_) as sent:
             verdicts = _ratelimited_requests("2/m", 3, self.address)
-        finally:
-            del self.client_.execute_command
         self.assertEqual(verdicts, [False, False, True])
         self.assertEqual(sent, ["SET", "SET", "EVALSHA", "SET", "EVALSHA"])
         self.assertEqual(len(self.cache._notes), self.cache.MAX_NOTES)  # type: ignore[attr-defined]
