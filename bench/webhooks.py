@@ -6,6 +6,7 @@ run: the ceiling of the HTTP stack on this machine.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/mailauto REDIS_URL=redis://127.0.0.1:6379/15 \\
         .venv/bin/python bench/webhooks.py [--server granian] [--processes 2] [--webhooks 20000]
+        .venv/bin/python bench/webhooks.py --in-process [--profile]   # no HTTP: for A/B runs
 
 Servers: "granian" (the default, and the production server: a Rust HTTP server calling
 the WSGI app from --threads threads in each of --processes workers; HTTP/1.1
@@ -498,6 +499,70 @@ def statements_per_webhook(bodies: list[bytes], auth: str) -> float:
     return len(queries.captured_queries) / len(bodies)
 
 
+def in_process(warmup: list[bytes], bodies: list[bytes], auth: str, *, profile: bool) -> None:
+    """The same requests through the WSGI application called in this process, one at a
+    time: no server, no client, no other thread. CPU per request (this process's user
+    and system time) is far steadier here than through HTTP, which is what an A/B of a
+    change to the request path needs; --profile adds cProfile's top functions."""
+    import cProfile
+    import io
+    import pstats
+    import resource
+
+    from django.conf import settings
+    from django.core.wsgi import get_wsgi_application
+
+    settings.ROOT_URLCONF = __name__
+    app = get_wsgi_application()
+
+    def call(path: str, body: bytes) -> None:
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": path,
+            "SCRIPT_NAME": "",
+            "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": "8000",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1",
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": str(len(body)),
+            "HTTP_AUTHORIZATION": auth,
+            "HTTP_USER_AGENT": "Postmark",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.url_scheme": "http",
+        }
+        statuses: list[str] = []
+        response = app(environ, lambda status, headers: statuses.append(status))
+        b"".join(response)
+        response.close()
+        if not statuses[0].startswith("200"):
+            raise SystemExit(f"{path} answered {statuses[0]}")
+
+    for path in (WEBHOOK_PATH, NOOP_PATH):
+        for body in warmup:
+            call(path, body)
+    for label, path in (
+        ("a Django view that does nothing", NOOP_PATH),
+        (f"webhooks, {WEBHOOK_PATH}", WEBHOOK_PATH),
+    ):
+        profiler = cProfile.Profile() if profile and path == WEBHOOK_PATH else None
+        before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        if profiler:
+            profiler.enable()
+        for body in bodies:
+            call(path, body)
+        if profiler:
+            profiler.disable()
+        after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
+        n = len(bodies)
+        print(
+            f"in process, {label}: CPU ms per request user {1000 * (after.ru_utime - before.ru_utime) / n:.3f}, "
+            f"system {1000 * (after.ru_stime - before.ru_stime) / n:.3f}; wall {1000 * wall / n:.3f} ms"
+        )
+        if profiler:
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
 def describe(label: str, run: Run, n: int) -> str:
     cpu = ", ".join(f"{party} {1000 * seconds / n:.2f}" for party, seconds in run.cpu.items())
     return (
@@ -534,6 +599,12 @@ def main() -> None:
         default=8,
         help="granian's threads per worker (default 8): they overlap the wait for each commit's fsync",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="call the WSGI app in this process instead of over HTTP: steadier CPU per request, for A/B runs",
+    )
+    parser.add_argument("--profile", action="store_true", help="with --in-process: cProfile the webhooks")
     args = parser.parse_args()
 
     database_url = os.environ.get("DATABASE_URL", "")
@@ -568,6 +639,12 @@ def main() -> None:
         bodies = bodies[:-STATEMENT_COUNT]
         connection.close()
         warmup, bodies = bodies[:WARMUP], bodies[WARMUP:]
+        if args.in_process:
+            print(
+                f"setup: {len(bodies):,} webhooks; Python speed {speed_ms:.0f} ms, process round trip {round_trip:.0f} µs"
+            )
+            in_process(warmup, bodies, auth, profile=args.profile)
+            return
         password = f":{db['PASSWORD']}" if db["PASSWORD"] else ""
         env = {
             **os.environ,
