@@ -12,10 +12,9 @@ from django.core.validators import validate_email
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 from django.utils import timezone
-from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from campaigns.admin.common import _changelist_url
+from campaigns.admin.common import message_status_table
 from campaigns.models import Automation, Message, SeedList, TemplateVersion
 from campaigns.rules import RuleError, describe_rule
 from campaigns.services import automation_activation_errors, automation_set_active
@@ -110,24 +109,7 @@ class AutomationAdmin(admin.ModelAdmin):
         counts = dict(
             Message.objects.filter(automation=obj).order_by().values_list("status").annotate(n=Count("id"))
         )
-        if not counts:
-            return "No messages yet."
-        return format_html(
-            "<table><tbody>{}</tbody></table>",
-            format_html_join(
-                "",
-                '<tr><td><a href="{}">{}</a></td><td>{}</td></tr>',
-                (
-                    (
-                        _changelist_url(Message, automation__id__exact=obj.pk, status__exact=status),
-                        label,
-                        counts[status],
-                    )
-                    for status, label in Message.Status.choices
-                    if status in counts
-                ),
-            ),
-        )
+        return message_status_table(counts, automation__id__exact=obj.pk)
 
     @admin.action(description="Activate", permissions=["change"])
     def activate(self, request: HttpRequest, queryset: QuerySet[Automation]) -> None:

@@ -19,10 +19,9 @@ from django.http import HttpRequest, HttpResponse
 from django.template import engines
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
-from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from campaigns.admin.common import _changelist_url
+from campaigns.admin.common import message_status_table
 from campaigns.broadcasts import (
     AudienceError,
     audience_preview,
@@ -295,24 +294,7 @@ class BroadcastAdmin(admin.ModelAdmin):
         if obj.pk is None:
             return "-"
         counts = self._live_counts(obj)
-        if not counts:
-            return "No messages yet."
-        return format_html(
-            "<table><tbody>{}</tbody></table>",
-            format_html_join(
-                "",
-                '<tr><td><a href="{}">{}</a></td><td>{}</td></tr>',
-                (
-                    (
-                        _changelist_url(Message, broadcast__id__exact=obj.pk, status__exact=status),
-                        label,
-                        counts[status],
-                    )
-                    for status, label in Message.Status.choices
-                    if status in counts
-                ),
-            ),
-        )
+        return message_status_table(counts, broadcast__id__exact=obj.pk)
 
     @admin.display(description="rates (live)")
     def live_rates(self, obj: Broadcast) -> str:

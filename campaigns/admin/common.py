@@ -1,5 +1,6 @@
 """Pieces the campaigns admin pages share: exact-value search for the large tables, JSON
-and error-history display, changelist links, and adopting a row a service created."""
+and error-history display, changelist links, message counts by status, and adopting a
+row a service created."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
+
+from campaigns.models import Message
 
 
 def _adopt(target: models.Model, saved: models.Model) -> None:
@@ -56,6 +59,25 @@ def _error_history(history: object) -> SafeString | str:
 def _changelist_url(model: type[models.Model], **params: str | int) -> str:
     url = reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
     return f"{url}?{urlencode(params)}" if params else url
+
+
+def message_status_table(counts: dict[str, int], **filters: str | int) -> SafeString | str:
+    """Message counts by status, each linking to those messages (`filters` narrow the
+    Message changelist to the automation or broadcast the counts are of)."""
+    if not counts:
+        return "No messages yet."
+    return format_html(
+        "<table><tbody>{}</tbody></table>",
+        format_html_join(
+            "",
+            '<tr><td><a href="{}">{}</a></td><td>{}</td></tr>',
+            (
+                (_changelist_url(Message, **filters, status__exact=status), label, counts[status])
+                for status, label in Message.Status.choices
+                if status in counts
+            ),
+        ),
+    )
 
 
 class ExactSearchMixin:

@@ -519,8 +519,17 @@ class AutomationAdminTests(AdminTestCase):
 
         self.assertContains(response, "sent (accepted by the ESP)</a></td><td>2</td>")
         self.assertContains(response, "dead (retries exhausted)</a></td><td>1</td>")
+        # Each count links to exactly those messages.
+        self.assertContains(
+            response,
+            f'href="{changelist(Message)}?automation__id__exact={self.automation.pk}&amp;status__exact=sent"',
+        )
         counting = [q["sql"] for q in queries if 'FROM "campaigns_message"' in q["sql"]]
         self.assertEqual(len(counting), 1)
+
+    def test_change_page_of_an_automation_that_sent_nothing(self) -> None:
+        quiet = Automation.objects.create(name="quiet", trigger=self.event_type, template=self.template)
+        self.assertContains(self.client.get(change(quiet)), "No messages yet.")
 
     def test_editing_an_active_automation_cannot_break_it(self) -> None:
         Automation.objects.filter(pk=self.automation.pk).update(active=True)
