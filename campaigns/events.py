@@ -24,7 +24,7 @@ from django.utils.dateparse import parse_datetime
 
 from campaigns.exceptions import InvalidContact, InvalidEvent, InvalidInput
 from campaigns.models import Contact, EventType, OutboxEvent
-from campaigns.schemas import PayloadError, validate_payload
+from campaigns.schemas import PayloadError, check_payload, validate_schema_definition
 from mailauto.lib.nudge import nudge_soon
 from mailauto.lib.prepared import prepared_cursor
 
@@ -72,7 +72,7 @@ def emit(
     )
     _insert_events([event])
     _nudge_after_commit()
-    return event.event_id
+    return event["event_id"]
 
 
 def emit_many(events: Iterable[EventSpec | Mapping[str, Any]], *, source: str | None = None) -> list[str]:
@@ -83,7 +83,7 @@ def emit_many(events: Iterable[EventSpec | Mapping[str, Any]], *, source: str | 
     nothing is written.
     """
     event_types: dict[str, EventType] = {}
-    rows: list[OutboxEvent] = []
+    rows: list[dict[str, Any]] = []
     errors: dict[str, str] = {}
     for index, item in enumerate(events):
         spec = item if isinstance(item, EventSpec) else _spec_from_mapping(item, index)
@@ -107,7 +107,7 @@ def emit_many(events: Iterable[EventSpec | Mapping[str, Any]], *, source: str | 
     if rows:
         _insert_events(rows)
         _nudge_after_commit()
-    return [row.event_id for row in rows]
+    return [row["event_id"] for row in rows]
 
 
 def identify(
@@ -205,7 +205,10 @@ def _build_event(
     source: str | None,
     event_types: dict[str, EventType],
     index: int | None,
-) -> OutboxEvent:
+) -> dict[str, Any]:
+    """The outbox row for one event, as {attname: value} for the columns emit() sets
+    (_insert_events fills in the rest from the model's defaults); InvalidEvent naming
+    every problem otherwise."""
     prefix = "" if index is None else f"events[{index}]."
     errors: dict[str, str] = {}
 
@@ -238,7 +241,7 @@ def _build_event(
 
     if type_row is not None:
         try:
-            validate_payload(type_row.schema, payload)
+            check_payload(type_row.schema, payload)  # the schema itself: _event_type
         except PayloadError as err:
             for path, message in err.errors.items():
                 errors[f"{prefix}payload.{path}" if path else f"{prefix}payload"] = message
@@ -246,21 +249,23 @@ def _build_event(
     if errors:
         raise InvalidEvent(_summarise(errors), errors=errors)
     assert type_row is not None and when is not None
-    return OutboxEvent(
-        event_id=str(event_id),
-        event_type=type_row,
-        user_id=str(user_id),
-        payload=dict(payload),
-        source=str(source or ""),
-        occurred_at=when,
-        available_at=timezone.now(),
-    )
+    return {
+        "event_id": str(event_id),
+        "event_type_id": type_row.pk,
+        "user_id": str(user_id),
+        "payload": dict(payload),
+        "source": str(source or ""),
+        "occurred_at": when,
+        "available_at": timezone.now(),
+    }
 
 
 # Event types (and their schemas) are read on every emit, and change rarely: each
 # process keeps them for EVENT_TYPE_TTL_SECONDS. A change made in this process clears the
 # entry at once (forget_event_type, on save/delete); another process sees it within the
-# TTL. This halves the work of one emit() (measured with bench/pipeline.py --emit).
+# TTL. This halves the work of one emit() (measured with bench/pipeline.py --emit). The
+# schema definition is validated when a row is read, not for every event: a schema
+# that fails raises SchemaError (a configuration bug) and is not kept.
 EVENT_TYPE_TTL_SECONDS = 5.0
 _event_types: dict[str, tuple[float, EventType]] = {}
 
@@ -284,6 +289,7 @@ def _event_type(name: str, cache: dict[str, EventType]) -> EventType | None:
             row = EventType.objects.filter(name=name).first()
             if row is None:
                 return None
+            validate_schema_definition(row.schema)
             _event_types[name] = (time.monotonic(), row)
             cache[name] = row
     return cache[name]
@@ -356,20 +362,23 @@ def _summarise(errors: dict[str, str]) -> str:
 INSERT_BATCH = 1000
 
 
-def _insert_events(rows: list[OutboxEvent], using: str = DEFAULT_DB_ALIAS) -> None:
+def _insert_events(rows: list[dict[str, Any]], using: str = DEFAULT_DB_ALIAS) -> None:
     """INSERT … ON CONFLICT DO NOTHING, in the caller's transaction.
 
     A plain INSERT that hit the unique event_id would raise IntegrityError and, on
     Postgres, abort the *caller's* transaction; a duplicate event id must not do that.
     This writes what bulk_create(ignore_conflicts=True) writes, without the ORM's
-    per-call query compilation, which cost more client CPU than the INSERT's own round
-    trip (emit()'s client CPU, measured in one process with time.process_time over 2,000
-    transactions, went from ~1.0 to ~0.6 ms; bench/pipeline.py's emit section compares
-    it with an ORM create and pgbench).
+    per-call query compilation or a model instance per event, which cost more client
+    CPU than the INSERT's own round trip (emit()'s client CPU, measured in one process
+    with time.process_time over 2,000 transactions, went from ~1.0 to ~0.6 ms;
+    bench/pipeline.py's emit section compares it with an ORM create and pgbench).
+    Columns a row does not set take the model field's default, as OutboxEvent() would.
     """
     connection = connections[using]
     statement = _insert_statement(connection)
-    batch = max(1, min(INSERT_BATCH, connection.ops.bulk_batch_size([f for f, _ in statement.fields], rows)))
+    batch = max(
+        1, min(INSERT_BATCH, connection.ops.bulk_batch_size([c.field for c in statement.columns], rows))
+    )
     # Several INSERTs are all or nothing even for a caller in autocommit (emit_many's
     # promise); inside the caller's transaction this adds nothing (no savepoint).
     with transaction.atomic(using=using, savepoint=False), prepared_cursor(connection) as cursor:
@@ -377,22 +386,45 @@ def _insert_events(rows: list[OutboxEvent], using: str = DEFAULT_DB_ALIAS) -> No
             chunk = rows[start : start + batch]
             params: list[Any] = []
             for row in chunk:
-                for field, prepare in statement.fields:
-                    value = getattr(row, field.attname)
-                    params.append(field.get_db_prep_save(value, connection) if prepare else value)
+                for column in statement.columns:
+                    value = row[column.attname] if column.attname in row else column.field.get_default()
+                    if column.adapt == _AS_IS or (column.adapt == _AWARE_AS_IS and _is_aware(value)):
+                        params.append(value)
+                    else:
+                        params.append(column.field.get_db_prep_save(value, connection))
             values = ", ".join([statement.row] * len(chunk))
             cursor.execute(f"{statement.head} VALUES {values} ON CONFLICT DO NOTHING", params)
 
 
+def _is_aware(value: Any) -> bool:
+    return type(value) is datetime and value.tzinfo is not None
+
+
+# How a column's value reaches the driver: as it is, through the field's
+# get_db_prep_save(), or as it is when it is an aware datetime. Text, integer and
+# boolean columns go to every backend as they are. JSON always needs the backend's
+# adaptation (psycopg wants Jsonb, SQLite text). An aware datetime needs none on
+# Postgres: DateTimeField.get_db_prep_save() ends in the backend's
+# adapt_datetimefield_value(), which returns the value unchanged there (Django 5.2,
+# django/db/backends/postgresql/operations.py), after checks that only act on naive
+# values; psycopg sends it as timestamptz. On SQLite it becomes text.
+_AS_IS, _ADAPTED, _AWARE_AS_IS = "as is", "adapted", "aware as is"
+
+
+@dataclass(frozen=True)
+class _Column:
+    field: Any
+    attname: str
+    adapt: str
+
+
 @dataclass(frozen=True)
 class _InsertStatement:
-    fields: list[tuple[Any, bool]]  # (field, needs the backend's adaptation)
+    columns: list[_Column]
     head: str
     row: str
 
 
-# Text, integer and boolean columns go to every backend as they are; dates and JSON need
-# the backend's adaptation (SQLite stores both as text, psycopg wants Jsonb).
 _ADAPTED_TYPES = {"DateTimeField", "JSONField"}
 _statements: dict[str, _InsertStatement] = {}
 
@@ -404,8 +436,17 @@ def _insert_statement(connection: Any) -> _InsertStatement:
         unexpected = [f.name for f in fields if f.get_internal_type() not in _PLAIN_TYPES | _ADAPTED_TYPES]
         if unexpected:  # a new column type must be sorted into one of the sets knowingly
             raise TypeError(f"OutboxEvent fields of a type emit() does not know how to send: {unexpected}")
+
+        def adapt(field: Any) -> str:
+            kind = field.get_internal_type()
+            if kind not in _ADAPTED_TYPES:
+                return _AS_IS
+            if kind == "DateTimeField" and connection.vendor == "postgresql":
+                return _AWARE_AS_IS
+            return _ADAPTED
+
         _statements[connection.vendor] = _InsertStatement(
-            fields=[(f, f.get_internal_type() in _ADAPTED_TYPES) for f in fields],
+            columns=[_Column(field=f, attname=f.attname, adapt=adapt(f)) for f in fields],
             head=f"INSERT INTO {quote(OutboxEvent._meta.db_table)} ({', '.join(quote(f.column) for f in fields)})",
             row="(" + ", ".join(["%s"] * len(fields)) + ")",
         )

@@ -25,6 +25,7 @@ __all__ = [
     "REDACTED",
     "PayloadError",
     "SchemaError",
+    "check_payload",
     "path_is_sensitive",
     "redact",
     "sensitive_fields",
@@ -207,6 +208,13 @@ def validate_payload(schema: dict[str, Any], payload: object) -> None:
     invalid schema raises SchemaError: that is a configuration bug, not the caller's.
     """
     validate_schema_definition(schema)
+    check_payload(schema, payload)
+
+
+def check_payload(schema: dict[str, Any], payload: object) -> None:
+    """validate_payload() for a schema that validate_schema_definition() has already
+    accepted and that has not changed since: emit() checks each event type's schema once
+    per cached row (campaigns/events.py), not once per event."""
     if not isinstance(payload, dict):
         raise PayloadError({"": f"must be a JSON object, got {_json_type(payload)}"})
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from unittest import mock
+from zoneinfo import ZoneInfo
 
 from django.db import IntegrityError, OperationalError, transaction
 from django.db.backends.utils import CursorWrapper
 from django.test import TestCase, TransactionTestCase
+from django.utils import timezone
 
 import campaigns
 from campaigns import events
 from campaigns.events import EventSpec
-from campaigns.models import Contact, OutboxEvent
+from campaigns.models import Contact, EventType, OutboxEvent
+from campaigns.schemas import SchemaError
 from mailauto.lib import nudge
 from tests import factories
 
@@ -77,6 +80,54 @@ class EmitTests(TestCase):
         event = OutboxEvent.objects.get(event_id=event_id)
         self.assertEqual(event.occurred_at, datetime(2026, 11, 1, 10, tzinfo=UTC))
         self.assertEqual(event.user_id, "42")
+
+    def test_an_aware_datetime_in_another_zone_is_stored_as_the_same_instant(self) -> None:
+        # On Postgres emit() hands aware datetimes to psycopg as they are (events.py).
+        paris = datetime(2026, 11, 1, 11, 30, tzinfo=ZoneInfo("Europe/Paris"))
+        event_id = campaigns.emit("user.signed_up", "u-1", {"plan": "pro"}, occurred_at=paris)
+        event = OutboxEvent.objects.get(event_id=event_id)
+        self.assertEqual(event.occurred_at, datetime(2026, 11, 1, 10, 30, tzinfo=UTC))
+
+    def test_columns_emit_does_not_set_take_the_models_defaults(self) -> None:
+        before = timezone.now()
+        event_id = campaigns.emit("user.signed_up", "u-1", {"plan": "pro"})
+        event = OutboxEvent.objects.get(event_id=event_id)
+        blank = OutboxEvent()
+        set_by_emit = {
+            "id",
+            "event_id",
+            "event_type_id",
+            "user_id",
+            "payload",
+            "source",
+            "occurred_at",
+            "available_at",
+            "created_at",
+        }
+        for field in OutboxEvent._meta.concrete_fields:
+            if field.attname not in set_by_emit:
+                with self.subTest(field=field.attname):
+                    self.assertEqual(getattr(event, field.attname), getattr(blank, field.attname))
+        self.assertEqual(event.error_history, [])
+        self.assertEqual(event.attempts, 0)
+        self.assertTrue(before <= event.created_at <= timezone.now())
+        self.assertTrue(before <= event.available_at <= timezone.now())
+
+    def test_a_schema_broken_outside_the_admin_raises_schema_error_and_writes_nothing(self) -> None:
+        # The schema is checked once when emit() reads the type, not for every event;
+        # a broken one (written past EventType.clean) must still stop it.
+        EventType.objects.filter(name="user.signed_up").update(schema={"fields": {"plan": {"type": "strin"}}})
+        events.forget_event_type()
+        with self.assertRaises(SchemaError) as ctx:
+            campaigns.emit("user.signed_up", "u-1", {"plan": "pro"})
+        self.assertEqual(ctx.exception.path, "fields.plan.type")
+        self.assertFalse(OutboxEvent.objects.exists())
+        # Not kept: once mended, the next emit() uses the mended schema.
+        EventType.objects.filter(name="user.signed_up").update(
+            schema={"fields": {"plan": {"type": "string"}}}
+        )
+        campaigns.emit("user.signed_up", "u-1", {"plan": "anything"})
+        self.assertEqual(OutboxEvent.objects.count(), 1)
 
     def test_rollback_of_the_callers_transaction_removes_the_event(self) -> None:
         class Boom(Exception):
