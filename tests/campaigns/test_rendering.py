@@ -156,6 +156,30 @@ def test_text_part_is_generated_from_the_html_when_not_given():
     )
 
 
+def test_text_part_from_tables_images_entities_and_links():
+    # The text part is read off nh3's serialisation (campaigns/rendering/text.py): the
+    # escaped quotes, '>' and '&' in attribute values and text must come out as text.
+    email = render(
+        '<table><tr><td nowrap>Plan</td><td title="a>b &quot;c&quot;">Pro &amp; more</td></tr></table>'
+        '<img src="https://i.example.test/l.png" alt="Acme &quot;Co&quot; &amp; sons">'
+        '<img src="https://i.example.test/s.png" alt="">'
+        '<p>A&nbsp;B &lt;tag&gt; <a href="https://example.test/?a=1&amp;b=2">the offer</a> '
+        '<a href="https://example.test/x">https://example.test/x</a> '
+        '<a href="mailto:help@example.test">help@example.test</a> '
+        '<a href="javascript:alert(1)">bad link</a><script>alert(1)</script></p>'
+        "<ol><li>one<ul><li>nested</li></ul></li></ol><div>line</div><center>mid</center><hr>"
+        "<pre>  keep\n  lines</pre><p>{{ contact.first_name }}</p>",
+        contact={"first_name": 'Zoë "Z" <z@example.test>'},
+    )
+
+    assert email.text == (
+        'Plan Pro & more\n\nAcme "Co" & sons\n\n'
+        "A B <tag> the offer (https://example.test/?a=1&b=2) https://example.test/x help@example.test bad link"
+        "\n\n- one\n\n- nested\n\nline\n\nmid\n\nkeep lines\n\n"
+        'Zoë "Z" <z@example.test>\n'
+    )
+
+
 def test_text_part_is_rendered_from_its_own_template_without_escaping():
     email = render(
         "<p>HTML version</p>",
