@@ -311,6 +311,10 @@ def automation_set_active(*, automation: Automation, active: bool) -> Automation
             # The reputation guard judges it on what it sends from now on: the bounces or
             # complaints that paused it are still in its window (suppression/reputation.py).
             changes["resumed_at"] = automation.resumed_at = now
+            # Whoever switches it back on has seen why it was paused; the admin stops
+            # showing the reason.
+            changes["paused_reason"] = automation.paused_reason = ""
+            changes["paused_at"] = automation.paused_at = None
         Automation.objects.filter(pk=current.pk).update(**changes)
         automation.updated_at = now
     automation.active = active

@@ -54,15 +54,35 @@ class AutomationAdmin(admin.ModelAdmin):
         "version_used",
         "purpose",
         "active",
+        "paused_display",
         "conditions_description",
     ]
     list_filter = ["active", "trigger", "purpose", "is_transactional"]
     list_select_related = ["trigger", "template", "pinned_version"]
     search_fields = ["name"]
-    readonly_fields = ["active", "conditions_description", "created_at", "updated_at", "message_counts"]
+    readonly_fields = [
+        "active",
+        "paused_display",
+        "conditions_description",
+        "created_at",
+        "updated_at",
+        "message_counts",
+    ]
     actions = ["activate", "deactivate"]
     fieldsets = [
-        (None, {"fields": ["name", "active", "trigger", "conditions", "conditions_description"]}),
+        (
+            None,
+            {
+                "fields": [
+                    "name",
+                    "active",
+                    "paused_display",
+                    "trigger",
+                    "conditions",
+                    "conditions_description",
+                ]
+            },
+        ),
         ("Email", {"fields": ["template", "pinned_version", "delay", "purpose", "is_transactional"]}),
         ("Messages", {"fields": ["message_counts", "created_at", "updated_at"]}),
     ]
@@ -94,6 +114,14 @@ class AutomationAdmin(admin.ModelAdmin):
             return f"v{obj.pinned_version.number} (pinned)" if obj.pinned_version else "-"
         number = getattr(obj, "latest_published_number", None)
         return f"latest (v{number})" if number is not None else "none published"
+
+    @admin.display(description="paused")
+    def paused_display(self, obj: Automation) -> str:
+        # Set by the reputation guard (suppression/reputation.py); cleared on activation.
+        if obj.active or not obj.paused_reason:
+            return "-"
+        at = f" at {obj.paused_at:%Y-%m-%d %H:%M} UTC" if obj.paused_at else ""
+        return f"automatically{at}: {obj.paused_reason}"
 
     @admin.display(description="conditions")
     def conditions_description(self, obj: Automation) -> str:

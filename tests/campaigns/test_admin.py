@@ -14,6 +14,7 @@ from django.db import connection
 from django.test import TestCase
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from django.utils import timezone
 
 from campaigns import tasks
 from campaigns.models import (
@@ -509,6 +510,24 @@ class AutomationAdminTests(AdminTestCase):
         self.automation.refresh_from_db()
         self.assertFalse(self.automation.active)
         self.assertIn("1 automation(s) deactivated.", self.messages_of(response))
+
+    def test_an_automation_paused_by_the_reputation_guard_says_why_until_reactivated(self) -> None:
+        paused_at = timezone.now().replace(microsecond=0)
+        reason = "complaint rate 0.50% over the last 24 h exceeds 0.30% (Gmail's limit)"
+        Automation.objects.filter(pk=self.automation.pk).update(
+            active=False, paused_reason=reason, paused_at=paused_at
+        )
+        shown = f"automatically at {paused_at:%Y-%m-%d %H:%M} UTC: {reason}"
+
+        self.assertContains(self.client.get(changelist(Automation)), html.escape(shown))
+        self.assertContains(self.client.get(change(self.automation)), html.escape(shown))
+
+        self.post_action("activate", self.automation)
+
+        self.automation.refresh_from_db()
+        self.assertEqual((self.automation.active, self.automation.paused_reason), (True, ""))
+        self.assertIsNone(self.automation.paused_at)
+        self.assertNotContains(self.client.get(change(self.automation)), html.escape(reason))
 
     def test_change_page_counts_messages_by_status_in_one_query(self) -> None:
         message(self.version, 2, automation=self.automation, status=Message.Status.SENT)
