@@ -326,17 +326,19 @@ def event_plan(
     """
     now = timezone.now()
     plan = EventPlan(event=event, messages=[], outcome=[])
+    if contact is not None:
+        allowed, reason = residency_decision(contact=contact)
+        if not allowed:
+            # Data residency: this deployment may not process this contact at all, so
+            # the event is refused whether or not an automation would have used it.
+            plan.status = OutboxEvent.Status.REFUSED
+            plan.outcome.append(f"refused: {reason}")
+            return plan
     if not automations:
         plan.outcome.append("no active automation for this event type")
         return plan
     if contact is None:
         plan.outcome.append(f"no contact with user_id {event.user_id!r} (identify() it first)")
-        return plan
-    allowed, reason = residency_decision(contact=contact)
-    if not allowed:
-        # Data residency: this deployment may not process this contact at all.
-        plan.status = OutboxEvent.Status.REFUSED
-        plan.outcome.append(f"refused: {reason}")
         return plan
     data = {
         "payload": event.payload,

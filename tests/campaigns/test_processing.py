@@ -6,6 +6,7 @@ import threading
 from datetime import timedelta
 from unittest import mock
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.test import TestCase, TransactionTestCase, override_settings
 from django.test.utils import CaptureQueriesContext
@@ -16,6 +17,10 @@ from campaigns.models import Contact, Message, OutboxEvent
 from campaigns.processing import event_fail, event_plan, events_claim, events_process_batch, events_replay
 from suppression.services import suppression_add
 from tests import factories
+
+
+def compliance(**options: object) -> override_settings:
+    return override_settings(MAILAUTO={**settings.MAILAUTO, **options})
 
 
 class ProcessingTests(TestCase):
@@ -73,6 +78,35 @@ class ProcessingTests(TestCase):
         event = OutboxEvent.objects.get()
         self.assertEqual(event.status, OutboxEvent.Status.PROCESSED)
         self.assertIn("no contact with user_id 'nobody'", event.result)
+
+    def test_an_event_for_a_contact_outside_the_allowed_regions_is_refused(self) -> None:
+        Contact.objects.create(user_id="u-us", email="us@example.com", region="us")
+        factories.automation(self.type)
+        factories.outbox_event(self.type, "u-us", event_id="with-automation")
+        quiet_type = factories.event_type(name="order.viewed", schema={})
+        factories.outbox_event(quiet_type, "u-us", event_id="no-automation")
+
+        with compliance(ALLOWED_REGIONS=["eu"]):
+            events_process_batch()
+
+        reason = "refused: contact region 'us' is not in ALLOWED_REGIONS (eu)"
+        for event in OutboxEvent.objects.all():
+            with self.subTest(event=event.event_id):
+                self.assertEqual((event.status, event.result), (OutboxEvent.Status.REFUSED, reason))
+        self.assertFalse(Message.objects.exists())
+
+    def test_without_recorded_consent_marketing_is_suppressed_and_transactional_queued(self) -> None:
+        factories.automation(self.type, name="newsletter", purpose="marketing")
+        factories.automation(self.type, name="receipt", purpose="receipts", is_transactional=True)
+        factories.outbox_event(self.type, "u-1")
+
+        with compliance(CONSENT_CHECK=True):
+            events_process_batch()
+
+        by_name = {m.automation.name: m for m in Message.objects.select_related("automation")}
+        self.assertEqual(by_name["newsletter"].status, Message.Status.SUPPRESSED)
+        self.assertEqual(by_name["newsletter"].status_reason, "no consent recorded for 'marketing'")
+        self.assertEqual(by_name["receipt"].status, Message.Status.QUEUED)
 
     def test_latest_published_version_is_used_unless_pinned(self) -> None:
         v1 = factories.published_version()
