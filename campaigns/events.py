@@ -127,7 +127,8 @@ def identify(
     replace_attributes is true. `region` (data residency, GDPR) and `do_not_sell` (CCPA)
     are set when given. `consent` maps purposes to granted (True) or withdrawn (False);
     a change is appended to the consent ledger with `consent_source` (an unchanged state
-    writes nothing). Raises InvalidContact for a bad email, attributes or consent.
+    writes nothing; with double opt-in on, a grant is recorded as a request that the
+    recipient confirms by email, asked once while its link is valid). Raises InvalidContact for a bad email, attributes or consent.
     """
     user_id = _clean_user_id(user_id, InvalidContact)
     email = (email or "").strip()
@@ -178,7 +179,14 @@ def identify(
 
 
 def _record_consent(contact: Contact, consent: Mapping[str, bool], *, source: str) -> None:
-    from suppression.consent import consent_grant, consent_state, consent_withdraw
+    from suppression.consent import (
+        consent_grant,
+        consent_request,
+        consent_state,
+        consent_withdraw,
+        double_opt_in_enabled,
+        double_opt_in_pending,
+    )
     from suppression.models import ConsentRecord
 
     for purpose, granted in consent.items():
@@ -186,10 +194,15 @@ def _record_consent(contact: Contact, consent: Mapping[str, bool], *, source: st
         is_granted = current is not None and current.action == ConsentRecord.Action.GRANTED
         if current is not None and is_granted == granted:
             continue
-        if granted:
+        if not granted:
+            if current is not None:
+                consent_withdraw(contact=contact, purpose=purpose, source=source)
+        elif not double_opt_in_enabled():
             consent_grant(contact=contact, purpose=purpose, source=source)
-        elif current is not None:
-            consent_withdraw(contact=contact, purpose=purpose, source=source)
+        elif not double_opt_in_pending(contact=contact, purpose=purpose):
+            # Double opt-in: a grant becomes a request the recipient confirms by email;
+            # an application that calls identify() on every login asks once, not each time.
+            consent_request(contact=contact, purpose=purpose, source=source)
 
 
 # --- building and validating one event ------------------------------------------------

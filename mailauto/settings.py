@@ -306,7 +306,6 @@ MAILAUTO = {
         "MAILAUTO_CCPA_SHARING_PURPOSES", default=["advertising", "partner-offers", "sponsored"]
     ),
     # Double opt-in: consent_collect() asks for confirmation by email instead of granting.
-    "DOUBLE_OPT_IN": env.bool("MAILAUTO_DOUBLE_OPT_IN", default=False),
     "CONSENT_CONFIRM_MAX_AGE_SECONDS": env.int("MAILAUTO_CONSENT_CONFIRM_MAX_AGE", default=7 * 86400),
     # Data residency: regions whose contacts may be processed; empty means all.
     "ALLOWED_REGIONS": [

@@ -52,6 +52,15 @@ CONSENT_REQUESTED_SCHEMA = {
         "confirm_url": {"type": "string", "required": True},
     }
 }
+# Double opt-in is switched on in the admin by activating this automation (installed,
+# off, by migration suppression 0003; double_opt_in_automation() builds it again where
+# it is missing). Its template is the confirmation email.
+DOUBLE_OPT_IN_AUTOMATION = "Double opt-in confirmation"
+DOUBLE_OPT_IN_SUBJECT = "Please confirm your subscription"
+DOUBLE_OPT_IN_HTML = """<p>Hello{% if contact.first_name %} {{ contact.first_name }}{% endif %},</p>
+<p>Please confirm that you want to receive email about {{ payload.purpose }}:</p>
+<p><a href="{{ payload.confirm_url }}">Yes, subscribe me</a></p>
+<p>If you did not ask for this, ignore this email and you will get nothing more from us.</p>"""
 # A salt per use of the signing key: a token signed for anything else never verifies here.
 CONFIRM_TOKEN_SALT = "suppression.consent.confirm"
 CONSENT_REQUEST_MIN_INTERVAL = timedelta(minutes=10)
@@ -211,8 +220,9 @@ def consent_request(
         evidence=evidence,
         actor=actor,
     )
-    # Created on first use so the flow needs no data migration; get_or_create runs
-    # its INSERT in a savepoint, so a concurrent first request does not break ours.
+    # Installed by migration; created here too where it is missing (a database flushed
+    # by tests). get_or_create runs its INSERT in a savepoint, so a concurrent first
+    # request does not break ours.
     EventType.objects.get_or_create(
         name=CONSENT_REQUESTED_EVENT,
         defaults={
@@ -240,9 +250,9 @@ def consent_collect(
     user_agent: str | None = None,
     evidence: dict[str, Any] | None = None,
 ) -> ConsentRecord:
-    """The entry point for a sign-up form: with MAILAUTO["DOUBLE_OPT_IN"] on, ask for
-    confirmation by email (a "requested" row); off, record the grant at once."""
-    service = consent_request if settings.MAILAUTO["DOUBLE_OPT_IN"] else consent_grant
+    """The entry point for a sign-up form: with double opt-in on (double_opt_in_enabled),
+    ask for confirmation by email (a "requested" row); off, record the grant at once."""
+    service = consent_request if double_opt_in_enabled() else consent_grant
     return service(
         contact=contact,
         purpose=purpose,
@@ -251,6 +261,74 @@ def consent_collect(
         ip=ip,
         user_agent=user_agent,
         evidence=evidence,
+    )
+
+
+def double_opt_in_enabled() -> bool:
+    """Whether an active automation sends the confirmation email: the admin's switch."""
+    from campaigns.models import Automation
+
+    return Automation.objects.filter(trigger__name=CONSENT_REQUESTED_EVENT, active=True).exists()
+
+
+def double_opt_in_pending(*, contact: Contact, purpose: str) -> bool:
+    """A request for (contact, purpose) whose link is still valid and that no grant or
+    withdrawal has answered since."""
+    max_age = timedelta(seconds=settings.MAILAUTO["CONSENT_CONFIRM_MAX_AGE_SECONDS"])
+    latest = (
+        ConsentRecord.objects.filter(contact=contact, purpose=(purpose or "").strip())
+        .order_by("-occurred_at", "-id")
+        .first()
+    )
+    return (
+        latest is not None
+        and latest.action == ConsentRecord.Action.REQUESTED
+        and latest.occurred_at > timezone.now() - max_age
+    )
+
+
+def double_opt_in_automation(apps: Any = None) -> Any:
+    """The double opt-in automation, created (off, transactional) with its event type and
+    a published confirmation template where missing; an existing one is left as it is.
+    `apps`: a migration's app registry (suppression 0003), else the current models."""
+    if apps is None:
+        from django.apps import apps
+    event_type_model = apps.get_model("campaigns", "EventType")
+    template_model = apps.get_model("campaigns", "EmailTemplate")
+    version_model = apps.get_model("campaigns", "TemplateVersion")
+    automation_model = apps.get_model("campaigns", "Automation")
+    existing = automation_model.objects.filter(name=DOUBLE_OPT_IN_AUTOMATION).first()
+    if existing is not None:
+        return existing
+    trigger, _ = event_type_model.objects.get_or_create(
+        name=CONSENT_REQUESTED_EVENT,
+        defaults={
+            "description": "A double opt-in confirmation is needed (suppression.consent.consent_request).",
+            "schema": CONSENT_REQUESTED_SCHEMA,
+        },
+    )
+    template, created = template_model.objects.get_or_create(
+        name=DOUBLE_OPT_IN_AUTOMATION,
+        defaults={"description": "The email that asks a new subscriber to confirm (double opt-in)."},
+    )
+    if created or not version_model.objects.filter(template=template, status="published").exists():
+        number = 1 + (version_model.objects.filter(template=template).count())
+        version_model.objects.create(
+            template=template,
+            number=number,
+            status="published",
+            published_at=timezone.now(),
+            subject=DOUBLE_OPT_IN_SUBJECT,
+            html=DOUBLE_OPT_IN_HTML,
+        )
+    return automation_model.objects.create(
+        name=DOUBLE_OPT_IN_AUTOMATION,
+        trigger=trigger,
+        template=template,
+        purpose="consent",
+        # A confirmation the recipient asked for: no topic opt-out applies to it.
+        is_transactional=True,
+        active=False,
     )
 
 

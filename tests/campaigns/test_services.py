@@ -81,7 +81,7 @@ class TemplateVersionCreateTests(TestCase):
                     declared_sensitive_fields=bad,  # type: ignore[arg-type]
                 )
             self.assertIn("declared_sensitive_fields", caught.exception.message_dict)
-        self.assertFalse(TemplateVersion.objects.exists())
+        self.assertFalse(TemplateVersion.objects.filter(template=self.template).exists())
 
     def test_declared_sensitive_fields_are_stored(self) -> None:
         version = template_version_create(

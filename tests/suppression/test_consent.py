@@ -13,14 +13,17 @@ from django.test import TestCase, override_settings
 from django.urls import include, path
 from django.utils import timezone
 
+import campaigns
 from campaigns.delivery import message_render
-from campaigns.models import EventType, Message, OutboxEvent
+from campaigns.models import Automation, EventType, Message, OutboxEvent
 from campaigns.processing import events_process_batch
+from campaigns.services import automation_set_active
 from suppression.admin_compliance import ConsentNoticeAdmin, ConsentRecordAdmin
 from suppression.consent import (
     CONFIRM_TOKEN_SALT,
     CONSENT_REQUESTED_EVENT,
     CONSENT_REQUESTED_SCHEMA,
+    DOUBLE_OPT_IN_AUTOMATION,
     ConsentError,
     consent_collect,
     consent_confirm_token,
@@ -29,6 +32,8 @@ from suppression.consent import (
     consent_request,
     consent_state,
     consent_withdraw,
+    double_opt_in_automation,
+    double_opt_in_enabled,
     gdpr_applies,
 )
 from suppression.models.consent import AuditLogEntry, ConsentNotice, ConsentRecord, ImmutableRecordError
@@ -414,11 +419,24 @@ class DoubleOptInTests(TestCase):
         self.assertEqual(self.client.post(url).status_code, 400)
         self.assertEqual(self.grants(), 0)
 
+    def switch_double_opt_in(self, *, on: bool) -> None:
+        # The admin's switch: the installed automation, activated or not.
+        automation = double_opt_in_automation()
+        automation_set_active(automation=automation, active=on)
+
+    def test_the_migration_installs_the_double_opt_in_automation_switched_off(self) -> None:
+        automation = Automation.objects.select_related("trigger").get(name=DOUBLE_OPT_IN_AUTOMATION)
+        self.assertEqual(automation.trigger.name, CONSENT_REQUESTED_EVENT)
+        self.assertEqual((automation.active, automation.is_transactional), (False, True))
+        self.assertTrue(automation.template.versions.filter(status="published").exists())
+        self.assertFalse(double_opt_in_enabled())
+        self.assertEqual(double_opt_in_automation(), automation)  # found, not made again
+
     def test_collect_grants_at_once_or_asks_for_confirmation(self) -> None:
-        with switches(DOUBLE_OPT_IN=False):
-            direct = consent_collect(contact=self.contact, purpose="newsletter", source="signup-form")
-        with switches(DOUBLE_OPT_IN=True):
-            pending = consent_collect(contact=self.contact, purpose="offers", source="signup-form")
+        self.switch_double_opt_in(on=False)
+        direct = consent_collect(contact=self.contact, purpose="newsletter", source="signup-form")
+        self.switch_double_opt_in(on=True)
+        pending = consent_collect(contact=self.contact, purpose="offers", source="signup-form")
         self.assertEqual(direct.action, ConsentRecord.Action.GRANTED)
         self.assertEqual(pending.action, ConsentRecord.Action.REQUESTED)
         self.assertEqual(
@@ -439,6 +457,34 @@ class DoubleOptInTests(TestCase):
         self.assertEqual(message.status, Message.Status.QUEUED)
         self.assertEqual(message.to_email, "doi@example.com")
         self.assertIn(f'href="https://mail.example.org{url}"', message_render(message=message).html)
+
+    def test_the_installed_automation_emails_the_link_once_switched_on(self) -> None:
+        self.switch_double_opt_in(on=True)
+        consent_collect(contact=self.contact, purpose="newsletter", source="signup-form")
+        url = OutboxEvent.objects.get(event_type__name=CONSENT_REQUESTED_EVENT).payload["confirm_url"]
+
+        events_process_batch()
+
+        message = Message.objects.get()
+        self.assertEqual((message.status, message.automation.name), ("queued", DOUBLE_OPT_IN_AUTOMATION))
+        rendered = message_render(message=message)
+        self.assertEqual(rendered.subject, "Please confirm your subscription")
+        self.assertIn(f'href="{url}"', rendered.html)
+
+    def test_identify_with_double_opt_in_asks_once_instead_of_granting(self) -> None:
+        self.switch_double_opt_in(on=True)
+        for _ in range(3):  # an application that calls identify() on every login
+            campaigns.identify("u-doi", email="doi@example.com", consent={"newsletter": True})
+
+        self.assertIsNone(consent_state(contact=self.contact, purpose="newsletter"))
+        self.assertEqual(
+            list(ConsentRecord.objects.values_list("action", "source")), [("requested", "identify")]
+        )
+        self.assertEqual(OutboxEvent.objects.filter(event_type__name=CONSENT_REQUESTED_EVENT).count(), 1)
+
+        self.switch_double_opt_in(on=False)
+        campaigns.identify("u-doi", email="doi@example.com", consent={"newsletter": True})
+        self.assertEqual(consent_state(contact=self.contact, purpose="newsletter").action, "granted")
 
 
 @override_settings(ROOT_URLCONF=__name__)
