@@ -9,6 +9,7 @@ from suppression import cache
 from suppression.models import Suppression, Topic
 from suppression.privacy import hashed_suppressed_among, is_hashed_suppressed
 from suppression.services import normalize_email
+from suppression.topics import preference_topics
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def recipient_preferences(*, email: str) -> RecipientPreferences:
             subscribed=topic.slug not in reasons,
             locked=reasons.get(topic.slug, unsubscribe) != unsubscribe,
         )
-        for topic in Topic.objects.filter(public=True)
+        for topic in preference_topics()
     ]
     global_reason = reasons.get("")
     return RecipientPreferences(

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from django.db import transaction
 
 from suppression import cache
-from suppression.models import Suppression, SuppressionLogEntry, Topic
+from suppression.models import Suppression, SuppressionLogEntry
+from suppression.topics import preference_topics
 
 # Sources recorded on suppressions and log entries changed by recipients themselves.
 SOURCE_UNSUBSCRIBE_LINK = "recipient:unsubscribe-link"
@@ -118,14 +119,14 @@ def recipient_preferences_save(
     shown: Collection[str] | None = None,
     source: str = SOURCE_PREFERENCES,
 ) -> PreferenceChanges:
-    """Save the preference centre form: every public topic not in `subscribed` is opted
-    out of, every one in it opted back in to; `leave_all` adds or lifts the unsubscribe
-    from all marketing. Topics that are not public are never touched, nor (when `shown`
-    is given) topics the form did not show, such as one published while the page was
-    open. Opting in only ever lifts an unsubscribe, never a bounce, a complaint or a
-    manual suppression."""
+    """Save the preference centre form: every topic it lists (preference_topics) that is
+    not in `subscribed` is opted out of, every one in it opted back in to; `leave_all`
+    adds or lifts the unsubscribe from all marketing. Topics that are not listed are
+    never touched, nor (when `shown` is given) topics the form did not show, such as one
+    published while the page was open. Opting in only ever lifts an unsubscribe, never a
+    bounce, a complaint or a manual suppression."""
     email = normalize_email(email)
-    public = list(Topic.objects.filter(public=True).values_list("slug", flat=True))
+    public = [topic.slug for topic in preference_topics()]
     if shown is not None:
         public = [slug for slug in public if slug in shown]
     existing = dict(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from importlib import import_module
 
 import time_machine
 from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth import get_user_model
 from django.core import signing
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+from django.db.migrations.recorder import MigrationRecorder
 from django.test import TestCase, override_settings
 from django.urls import include, path
 from django.utils import timezone
@@ -425,6 +429,14 @@ class DoubleOptInTests(TestCase):
         automation_set_active(automation=automation, active=on)
 
     def test_the_migration_installs_the_double_opt_in_automation_switched_off(self) -> None:
+        migration = ("suppression", "0003_double_opt_in_automation")
+        self.assertIn(migration, MigrationRecorder(connection).applied_migrations())
+        # Run it again on its own historical models, on a database without the rows (a
+        # TransactionTestCase's flush removes them; the applied record stays).
+        Automation.objects.filter(name=DOUBLE_OPT_IN_AUTOMATION).delete()
+        historical = MigrationExecutor(connection).loader.project_state(migration).apps
+        import_module("suppression.migrations.0003_double_opt_in_automation").install(historical, None)
+
         automation = Automation.objects.select_related("trigger").get(name=DOUBLE_OPT_IN_AUTOMATION)
         self.assertEqual(automation.trigger.name, CONSENT_REQUESTED_EVENT)
         self.assertEqual((automation.active, automation.is_transactional), (False, True))

@@ -11,9 +11,11 @@ from django.conf import settings
 from django.test import Client, TestCase, override_settings
 from django.urls import reverse
 
+from campaigns.models import Broadcast
 from suppression.models import Suppression, SuppressionLogEntry, Topic
 from suppression.services import suppression_add
 from suppression.unsubscribe import link_token
+from tests import factories
 from tests.suppression.test_unsubscribe import tampered
 
 _ips = itertools.count(1)
@@ -209,6 +211,34 @@ class PreferenceCentreTests(RecipientPageTestCase):
         self.assertContains(response, "New features.")
         self.assertNotContains(response, "Getting started")
         self.assertContains(response, 'name="leave_all"')
+
+    def test_purposes_automations_and_broadcasts_are_tagged_with_are_topics_too(self) -> None:
+        version = factories.published_version()
+        trigger = factories.event_type()
+        factories.automation(trigger, version, purpose="webinars")
+        factories.automation(trigger, version, purpose="onboarding")  # its Topic is private
+        factories.automation(trigger, version, purpose="receipts", is_transactional=True)
+        Broadcast.objects.create(name="spring sale", template=version.template, purpose="offers")
+
+        response = self.client.get(preferences_path(self.token))
+
+        listed = [(c.slug, c.name) for c in response.context["preferences"].topics]
+        self.assertEqual(
+            listed,
+            [
+                ("newsletter", "The newsletter"),
+                ("product-updates", "Product updates"),
+                ("offers", "Offers"),
+                ("webinars", "Webinars"),
+            ],
+        )
+        self.client.post(
+            preferences_path(self.token),
+            {"shown": [slug for slug, _ in listed], "topics": ["newsletter", "product-updates", "offers"]},
+        )
+        self.assertEqual(
+            self.suppressions(), [("ada@example.com", "webinars", "unsubscribe", "recipient:preferences")]
+        )
 
     def test_opting_out_of_a_topic(self) -> None:
         response = self.save(topics=["newsletter"])
