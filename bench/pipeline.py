@@ -379,11 +379,11 @@ def emit_producer(
             pause = started + count / pace_per_s - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)
-        calls, commit, nudge = _emit_one(mode, f"p{index}-{count}", count, state)
+        calls, commit, nudge, events = _emit_one(mode, f"p{index}-{count}", count, state)
         call_ms.extend(call * 1000 for call in calls)
         commit_ms.append(commit * 1000)
         nudge_ms.append(nudge * 1000)
-        count += len(calls)
+        count += events
     return {
         "events": count,
         "seconds": time.perf_counter() - started,
@@ -400,20 +400,28 @@ def emit_producer(
 # The "emit10" mode: a caller that emits several events in one transaction (a signup
 # that records three things, an import); shows what the per-transaction COMMIT costs.
 EMIT_PER_TRANSACTION = 10
+# The "many" mode: a producer that batches (an import, a queue consumer) with one
+# emit_many() call per transaction; its call times are per call of EMIT_MANY events.
+EMIT_MANY = 100
 EMIT_MODES = {
     "emit": "campaigns.emit()",
     "insert": "OutboxEvent.objects.create() (base)",
     "emit10": f"emit() x{EMIT_PER_TRANSACTION} per transaction",
     "paced": "emit(), paced at half its rate",
+    "many": f"emit_many() of {EMIT_MANY} per transaction",
 }
 
 
-def _emit_one(mode: str, user_id: str, i: int, state: dict[str, Any]) -> tuple[list[float], float, float]:
-    """One transaction; returns (each call inside it, COMMIT, the on-commit nudge) in seconds."""
+def _emit_one(
+    mode: str, user_id: str, i: int, state: dict[str, Any]
+) -> tuple[list[float], float, float, int]:
+    """One transaction; returns (each call inside it, COMMIT, the on-commit nudge) in
+    seconds, and the number of events it wrote."""
     from django.db import connection, transaction
     from django.utils import timezone
 
     import campaigns
+    from campaigns.events import EventSpec
     from campaigns.models import EventType, OutboxEvent
 
     payload = _payload(i)
@@ -441,6 +449,10 @@ def _emit_one(mode: str, user_id: str, i: int, state: dict[str, Any]) -> tuple[l
                 tick = time.perf_counter()
         elif mode in ("emit", "paced"):
             campaigns.emit(EVENT_TYPE, user_id, payload, source="bench")
+        elif mode == "many":
+            campaigns.emit_many(
+                [EventSpec(EVENT_TYPE, f"{user_id}-{n}", payload) for n in range(EMIT_MANY)], source="bench"
+            )
         else:
             # The baseline: the same row through the ORM, with no validation, no
             # ON CONFLICT and no nudge.
@@ -459,7 +471,8 @@ def _emit_one(mode: str, user_id: str, i: int, state: dict[str, Any]) -> tuple[l
             calls.append(called - tick)
     committed = time.perf_counter()
     nudge = state["nudge_s"]
-    return calls, committed - called - nudge, nudge
+    events = EMIT_MANY if mode == "many" else len(calls)
+    return calls, committed - called - nudge, nudge, events
 
 
 # --- the scenarios --------------------------------------------------------------------------
@@ -932,6 +945,11 @@ def print_emit(emit: dict[str, Any]) -> None:
             else ""
         )
     )
+    if "many" in emit:
+        print(
+            f"batched: emit_many() of {EMIT_MANY} per transaction → {emit['many']['events_per_s']:,.0f} events/s "
+            f"(its call p99 is for {EMIT_MANY} events: {emit['many']['call_p99_ms']:.2f} ms)"
+        )
     print(
         "(call: emit() inside a transaction the caller has already begun; commit: COMMIT alone; "
         "nudge: handing the on-commit nudge to the background thread)"
