@@ -31,7 +31,10 @@ def check_esp(app_configs: Any, **kwargs: Any) -> list:
                 id="mailauto.E001",
             )
         )
-    if not settings.ANYMAIL.get("WEBHOOK_SECRET"):
+    secret = settings.ANYMAIL.get("WEBHOOK_SECRET")
+    secrets = [secret] if isinstance(secret, str) else secret if isinstance(secret, list | tuple) else []
+    # The webhook views refuse every post (503) when no entry is a non-empty string.
+    if not any(isinstance(s, str) and s for s in secrets):
         errors.append(
             Error(
                 "No webhook secret: ESP tracking webhooks would be accepted from anyone.",

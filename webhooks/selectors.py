@@ -32,7 +32,10 @@ def message_pk_from_metadata(metadata: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | str):
         return None
     text = str(value).strip()
-    if not text.isdigit() or len(text) > _MAX_PK_DIGITS or int(text) == 0:
+    # ASCII digits only: str.isdigit() is also true for "²" (which int() refuses) and
+    # for Arabic-Indic or full-width digits (which int() reads as numbers: someone
+    # else's message).
+    if not (text.isascii() and text.isdigit()) or len(text) > _MAX_PK_DIGITS or int(text) == 0:
         return None
     return int(text)
 

@@ -13,6 +13,9 @@ django-anymail 15.2), and what we answer instead:
 | a JSON list, or Metadata not an object | TypeError while parsing: 500 | 400 |
 | no RecordType | a normalized "unknown" event: 200, stored | 400 |
 | a field of the wrong type (Email: 5) | passed through to the signal | 400 |
+| a NUL or a lone surrogate ("\\ud800") in any string | Postgres refuses the INSERT: 500, retried for ever | 400 |
+| a timestamp outside 1970-9998 UTC | stored (a BC date breaks the admin) | 400 |
+| no WEBHOOK_SECRET configured | takes posts from anyone | 503, logged as an error |
 | an ESP whose keys are not configured | ImproperlyConfigured in the view's __init__: 500 | 503, logged as an error |
 
 An exception from our own signal receiver (the database is down) still propagates: the
@@ -23,8 +26,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
-from datetime import datetime
+import re
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from anymail.exceptions import AnymailWebhookValidationFailure
@@ -34,6 +38,7 @@ from anymail.webhooks.base import AnymailCoreWebhookView
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
@@ -112,21 +117,44 @@ def postmark_payload_check(request: HttpRequest) -> None:
     if not isinstance(metadata, dict) or any(isinstance(v, dict | list) for v in metadata.values()):
         raise WebhookRejected(400, "Metadata is not an object of simple values")
     for name in POSTMARK_TIMESTAMP_FIELDS:
-        if name in body and not _is_timestamp(body[name]):
-            raise WebhookRejected(400, f"{name} is not an ISO 8601 timestamp")
+        if name in body:
+            at = _timestamp(body[name])
+            if at is None:
+                raise WebhookRejected(400, f"{name} is not an ISO 8601 timestamp")
+            if not timestamp_in_range(at):
+                raise WebhookRejected(400, f"{name} is out of range (1970 to 9998 UTC)")
 
 
 def _refuse_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
-def _is_timestamp(value: object) -> bool:
+def _timestamp(value: object) -> datetime | None:
     if not isinstance(value, str):
-        return False
+        return None
     try:
-        return parse_datetime(value) is not None
+        return parse_datetime(value)
     except ValueError:
+        return None
+
+
+# Postgres takes 4713 BC to 294276 AD, Python's datetime only years 1 to 9999: an event
+# stamped 0001-01-01T00:00:00+14:00 (1 BC in UTC) would be stored, and every page that
+# reads it back would fail. No ESP event predates 1970.
+EARLIEST_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIMESTAMP = datetime(9999, 1, 1, tzinfo=UTC)  # exclusive
+
+
+def timestamp_in_range(value: datetime) -> bool:
+    """Whether `value` (naive means UTC, as webhooks.services stores it) lies within
+    1970 to 9998 in UTC."""
+    if timezone.is_naive(value):
+        value = value.replace(tzinfo=UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:  # before year 1 or after 9999 once converted
         return False
+    return EARLIEST_TIMESTAMP <= value < LATEST_TIMESTAMP
 
 
 # Checks of the raw request, per ESP, before Anymail parses it.
@@ -139,6 +167,12 @@ PAYLOAD_CHECKS: dict[str, Callable[[HttpRequest], None]] = {
 
 _OPTIONAL_TEXT = ("message_id", "recipient", "description", "mta_response", "reject_reason", "click_url")
 _FIELD_LIMITS = {"message_id": 255, "recipient": 254, "reject_reason": 20}
+
+# Postgres text and jsonb hold neither U+0000 nor a lone UTF-16 surrogate (JSON "\ud800"
+# parses to one). Either fails the INSERT: a 500 that the ESP retries for ever, and an
+# error whose CONTEXT quotes the row, addresses included, into the database's log.
+_NUL = "\x00"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def tracking_event_check(event: object) -> None:
@@ -154,20 +188,51 @@ def tracking_event_check(event: object) -> None:
             continue
         if not isinstance(value, str):
             raise WebhookRejected(400, f"{name} is not a string")
-        if "\x00" in value or len(value) > _FIELD_LIMITS.get(name, 100_000):
-            raise WebhookRejected(400, f"{name} is too long or holds a NUL character")
-    if event.timestamp is not None and not isinstance(event.timestamp, datetime):
-        raise WebhookRejected(400, "the timestamp is not a date and time")
+    if event.timestamp is not None:
+        if not isinstance(event.timestamp, datetime):
+            raise WebhookRejected(400, "the timestamp is not a date and time")
+        if not timestamp_in_range(event.timestamp):
+            raise WebhookRejected(400, "the timestamp is out of range (1970 to 9998 UTC)")
     if not isinstance(event.metadata, Mapping):
         raise WebhookRejected(400, "the metadata is not an object")
+    esp_event = esp_event_as_json(event.esp_event)
     try:
-        raw = canonical_json(esp_event_as_json(event.esp_event))
+        canonical_json(esp_event)
         canonical_json(dict(event.metadata))
     except (TypeError, ValueError) as err:
         raise WebhookRejected(400, "the event is not plain JSON") from err
-    # Postgres text and jsonb cannot hold U+0000; json.dumps writes it as \u0000.
-    if "\\u0000" in raw:
-        raise WebhookRejected(400, "the event holds a NUL character")
+    texts = [getattr(event, name, None) for name in _OPTIONAL_TEXT]
+    storable_text_check([event.event_id, texts, dict(event.metadata), esp_event])
+    for name in _OPTIONAL_TEXT:
+        value = getattr(event, name, None)
+        if value is not None and len(value) > _FIELD_LIMITS.get(name, 100_000):
+            raise WebhookRejected(400, f"{name} is too long")
+
+
+def storable_text_check(data: object) -> None:
+    """Refuse JSON data with a string (a value or a key, at any depth) that Postgres
+    cannot store. Says which kind of character, never where or in what."""
+    for text in _strings(data):
+        if _SURROGATE.search(text):
+            raise WebhookRejected(
+                400, "the payload contains text that is not valid Unicode (a lone surrogate)"
+            )
+        if _NUL in text:
+            raise WebhookRejected(400, "the payload contains a NUL character, which cannot be stored")
+
+
+def _strings(data: object) -> Iterator[str]:
+    # Iterative: the payload may nest as deep as json.loads allows.
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
 
 
 # --- the guard around Anymail's views --------------------------------------------------------
@@ -232,15 +297,23 @@ def _rejected(request: HttpRequest, esp: str, err: WebhookRejected) -> HttpRespo
     return response
 
 
-def _basic_auth_ok(request: HttpRequest) -> bool:
-    """The same check as Anymail's AnymailBasicAuthMixin.validate_request, made first so
-    that a missing or wrong secret is a 401 (the ESP retries once it is fixed) and not
-    the 400 that Anymail raises for it."""
+def _webhook_secrets() -> list[str]:
+    """The configured basic-auth secrets ('user:password'), empty ones left out."""
     allowed = get_anymail_setting("webhook_secret", default=[])
     if isinstance(allowed, str):
-        allowed = [allowed] if allowed else []
+        allowed = [allowed]
+    if not isinstance(allowed, list | tuple):
+        return []
+    return [secret for secret in allowed if isinstance(secret, str) and secret]
+
+
+def _basic_auth_ok(request: HttpRequest, allowed: list[str]) -> bool:
+    """The same check as Anymail's AnymailBasicAuthMixin.validate_request, made first so
+    that a missing or wrong secret is a 401 (the ESP retries once it is fixed) and not
+    the 400 that Anymail raises for it. `allowed` is never empty: with no secret, the
+    caller refuses the request (Anymail would take it from anyone)."""
     if not allowed:
-        return True  # no secret configured: system check mailauto.E002 says so
+        return False
     given = get_request_basic_auth(request)
     if given is None:
         return False
@@ -279,8 +352,15 @@ def tracking_view(esp: str, view_class: type[AnymailCoreWebhookView]) -> View:
             return _rejected(
                 request, esp, WebhookRejected(429, "too many webhook requests from this address")
             )
-        if request.method == "POST" and not _basic_auth_ok(request):
-            return _rejected(request, esp, WebhookRejected(401, "missing or wrong webhook credentials"))
+        if request.method == "POST":
+            secrets = _webhook_secrets()
+            if not secrets:
+                # ANYMAIL_WEBHOOK_SECRET set but empty (system check mailauto.E002). Fail
+                # closed: the ESP retries once the secret is set, nothing is forged meanwhile.
+                logger.error("%s webhook refused: no webhook secret is configured", esp)
+                return JsonResponse({"error": "webhook secret not configured"}, status=503)
+            if not _basic_auth_ok(request, secrets):
+                return _rejected(request, esp, WebhookRejected(401, "missing or wrong webhook credentials"))
         try:
             return anymail_view(request, *args, **kwargs)
         except ImproperlyConfigured:

@@ -27,6 +27,14 @@ class CheckTests(SimpleTestCase):
         with override_settings(ANYMAIL=anymail):
             self.assertIn("mailauto.E002", self.ids(checks.check_esp(None)))
 
+    def test_an_empty_webhook_secret_is_E002_and_a_list_with_one_real_one_is_not(self) -> None:
+        for secret, flagged in [("", True), ([""], True), ([], True), (["", "a:b"], False), ("a:b", False)]:
+            with (
+                self.subTest(secret=secret),
+                override_settings(ANYMAIL={**settings.ANYMAIL, "WEBHOOK_SECRET": secret}),
+            ):
+                self.assertEqual("mailauto.E002" in self.ids(checks.check_esp(None)), flagged)
+
     def test_non_utc_time_zone_is_W001(self) -> None:
         with override_settings(TIME_ZONE="Europe/Amsterdam"):
             self.assertEqual(self.ids(checks.check_time_zone(None)), {"mailauto.W001"})

@@ -86,14 +86,27 @@ class SandboxWebhookLoopTests(LiveServerTestCase):
             },
         )
 
+        first_webhooks = len(self.sandbox.webhook_log())
         later = [self.queue(email) for email in [*stopped, "ada@example.com"]]
         result = messages_send_batch()
         self.assertEqual((result.suppressed, result.sent), (3, 1))
+        # The control message's own Delivery webhook follows asynchronously; wait for it
+        # so that its status is a fact, not a race between the sandbox and this assertion.
+        self.sandbox.wait_for_webhooks(timeout=30)
+        new_webhooks = self.sandbox.webhook_log()[first_webhooks:]
+        self.assertEqual(
+            [(e["record_type"], e["recipient"], e["http_status"]) for e in new_webhooks],
+            [("Delivery", "ada@example.com", 200)],
+        )
         for message in later:
             message.refresh_from_db()
         self.assertEqual(
             {m.to_email: m.status for m in later},
-            {**dict.fromkeys(stopped, Message.Status.SUPPRESSED), "ada@example.com": Message.Status.SENT},
+            {
+                **dict.fromkeys(stopped, Message.Status.SUPPRESSED),
+                "ada@example.com": Message.Status.DELIVERED,
+            },
         )
         for email in stopped:
             self.assertEqual(len(self.sandbox.messages(to=email)), 1, email)
+        self.assertEqual(len(self.sandbox.messages(to="ada@example.com")), 2)

@@ -95,6 +95,22 @@ class AuthTests(GuardTestCase):
             self.assertAccepted(self.post(self.bounce(), auth="old:secret"))
         self.assertTrue(Suppression.objects.exists())
 
+    def test_no_secret_configured_is_503_and_changes_nothing(self) -> None:
+        # ANYMAIL_WEBHOOK_SECRET="" in the environment (or an empty *_FILE) leaves the
+        # secret empty: Anymail alone would then take posts from anyone.
+        for secret in ("", [], [""], None):
+            anymail = {**settings.ANYMAIL, "WEBHOOK_SECRET": secret}
+            if secret is None:
+                del anymail["WEBHOOK_SECRET"]
+            with self.subTest(secret=secret), override_settings(ANYMAIL=anymail):
+                for auth in ("", "sandbox:sandbox-webhook-secret", ":"):
+                    with self.assertLogs("webhooks.views", level="ERROR") as logs:
+                        response = self.post(self.bounce(), auth=auth)
+                    self.assertEqual(response.status_code, 503, response.content)
+                    self.assertEqual(response.json(), {"error": "webhook secret not configured"})
+                    self.assertNotIn(self.sent.to_email, " ".join(logs.output))
+        self.assertNothingChanged()
+
 
 @override_settings(ANYMAIL={**settings.ANYMAIL, "MAILGUN_WEBHOOK_SIGNING_KEY": MAILGUN_KEY})
 class SignatureTests(GuardTestCase):
@@ -136,6 +152,24 @@ class SignatureTests(GuardTestCase):
         self.assertEqual(self.post(body).status_code, 403)
         self.assertNothingChanged()
 
+    def test_unstorable_text_or_an_out_of_range_timestamp_is_400_for_other_esps_too(self) -> None:
+        cases: dict[str, tuple[str, object]] = {
+            "the payload contains text that is not valid Unicode (a lone surrogate)": (
+                "reason",
+                "bounce \ud800",
+            ),
+            "the payload contains a NUL character, which cannot be stored": ("reason", "bounce \x00"),
+            "the timestamp is out of range (1970 to 9998 UTC)": ("timestamp", -86400.0),
+        }
+        for error, (field, value) in cases.items():
+            with self.subTest(error=error):
+                body = self.mailgun()
+                body["event-data"][field] = value  # type: ignore[index]
+                response = self.post(json.dumps(body), raw=True)
+                self.assertEqual(response.status_code, 400, response.content)
+                self.assertEqual(response.json(), {"error": error})
+        self.assertNothingChanged()
+
     def test_the_basic_auth_secret_is_still_required(self) -> None:
         self.assertEqual(self.post(self.mailgun(), auth="").status_code, 401)
         self.assertNothingChanged()
@@ -155,6 +189,14 @@ class BadInputTests(GuardTestCase):
         self.assertEqual(response.status_code, status, response.content)
         self.assertNothingChanged()
         return response.json()
+
+    def assertNoPayloadLogged(self, records: list[logging.LogRecord], *, count: int) -> None:
+        rejections = [r for r in records if r.name == "webhooks.views"]
+        self.assertEqual(len(rejections), count)
+        for record in records:
+            text = " ".join([record.getMessage(), *(str(v) for v in record.__dict__.values())])
+            self.assertNotIn("@example.com", text, record.name)
+            self.assertNotIn("secret.person", text, record.name)
 
     def test_malformed_json_is_400(self) -> None:
         for body in ('{"RecordType": "Bounce",', "", "not json", b"\xff\xfe{}", "[" * 100_000):
@@ -206,6 +248,70 @@ class BadInputTests(GuardTestCase):
         self.assertRejected({**for_message("delivery", self.sent), "Details": "nul \x00 here"})
         self.assertRejected({**for_message("delivery", self.sent), "Extra": {"k": "nul \x00 here"}})
         self.assertRejected({**for_message("delivery", self.sent), "MessageID": "x" * 300})
+
+    def test_a_lone_surrogate_anywhere_in_the_payload_is_400_and_logs_no_payload(self) -> None:
+        # JSON "\\ud800" parses to a lone surrogate, which Postgres cannot store (and whose
+        # error would quote the row, addresses included, into the database's log).
+        delivery = for_message("delivery", self.sent)
+        cases: list[dict[str, object]] = [
+            {**delivery, "Details": "secret.person@example.com \ud800"},
+            {**delivery, "Recipient": "secret.person\udfff@example.com"},
+            {**delivery, "Metadata": {"note": "\ud83d secret.person@example.com"}},
+            {**delivery, "Extra": ["secret.person@example.com", {"k": "\udc00"}]},
+            {**delivery, "Key \ud800": "secret.person@example.com"},
+            {**self.bounce(), "Description": "\ud800 secret.person@example.com"},
+            {**for_message("click", self.sent), "OriginalLink": "https://example.com/\ud800"},
+        ]
+        with self.assertLogs(level="DEBUG") as logs:
+            for body in cases:
+                with self.subTest(body=sorted(body)):
+                    error = self.assertRejected(json.dumps(body), raw=True)
+                    self.assertEqual(
+                        error,
+                        {"error": "the payload contains text that is not valid Unicode (a lone surrogate)"},
+                    )
+        self.assertNoPayloadLogged(logs.records, count=len(cases))
+
+    def test_a_nul_character_anywhere_in_the_payload_is_400_and_logs_no_payload(self) -> None:
+        delivery = for_message("delivery", self.sent)
+        cases: list[dict[str, object]] = [
+            {**delivery, "Details": "secret.person@example.com \x00"},
+            {**delivery, "Metadata": {"note": "\x00 secret.person@example.com"}},
+            {**delivery, "Key \x00": "secret.person@example.com"},
+            {**self.bounce(), "Description": "\x00"},
+        ]
+        with self.assertLogs(level="DEBUG") as logs:
+            for body in cases:
+                with self.subTest(body=sorted(body)):
+                    error = self.assertRejected(body)
+                    self.assertEqual(
+                        error, {"error": "the payload contains a NUL character, which cannot be stored"}
+                    )
+        self.assertNoPayloadLogged(logs.records, count=len(cases))
+
+    def test_text_beyond_the_basic_plane_is_still_accepted(self) -> None:
+        # A real astral character is one code point, not a lone surrogate.
+        self.assertAccepted(self.post({**for_message("delivery", self.sent), "Details": "ok \U0001f600"}))
+        self.assertEqual(TrackingEvent.objects.get().esp_event["Details"], "ok \U0001f600")
+
+    def test_a_timestamp_outside_1970_to_9998_in_utc_is_400_naming_the_field(self) -> None:
+        cases = {
+            "delivery": ("DeliveredAt", "0001-01-01T00:00:00+14:00"),  # 1 BC in UTC
+            "bounce": ("BouncedAt", "9999-12-31T23:59:59-14:00"),  # year 10000 in UTC
+            "open": ("ReceivedAt", "1969-12-31T23:59:59Z"),
+            "click": ("ReceivedAt", "0001-01-01T00:00:00"),
+            "subscription_change": ("ChangedAt", "9999-01-01T00:00:00Z"),
+        }
+        for name, (field, value) in cases.items():
+            with self.subTest(name=name, field=field, value=value):
+                error = self.assertRejected({**for_message(name, self.sent), field: value})
+                self.assertEqual(error, {"error": f"{field} is out of range (1970 to 9998 UTC)"})
+
+    def test_timestamps_at_the_edges_of_the_range_are_accepted(self) -> None:
+        for at in ("1970-01-01T00:00:00Z", "1970-01-01T10:00:00+10:00", "9998-12-31T23:59:59Z"):
+            with self.subTest(at=at):
+                self.assertAccepted(self.post({**for_message("open", self.sent), "ReceivedAt": at}))
+        self.assertEqual(TrackingEvent.objects.count(), 3)
 
     def test_a_malformed_delivery_open_or_click_is_400_and_changes_nothing(self) -> None:
         # These take the one-statement path when well formed; bad input never reaches it.
@@ -328,3 +434,45 @@ class SessionlessTests(GuardTestCase):
         self.assertTrue(hasattr(response.wsgi_request, "session"))
         self.assertTrue(hasattr(response.wsgi_request, "user"))
         self.assertIn("csrftoken", response.cookies)
+
+
+class MetadataLinkTests(GuardTestCase):
+    """Our message id travels in the ESP's metadata; a value that is not one is ignored."""
+
+    def test_a_metadata_id_that_is_not_ascii_digits_is_ignored_and_the_esp_id_links(self) -> None:
+        # str.isdigit() is true for all of these; int() refuses the superscripts (a 500,
+        # before) and reads the others as numbers: the last is `other`'s id in full-width
+        # digits, which linked the event to the wrong message.
+        other = self.message(email="other@example.com")
+        values = [
+            "²",
+            "¹²",
+            "\U0001d7d9",  # MATHEMATICAL DOUBLE-STRUCK DIGIT ONE
+            "\u0661",  # ARABIC-INDIC DIGIT ONE
+            "\u0967",  # DEVANAGARI DIGIT ONE
+            str(other.pk).translate(str.maketrans("0123456789", "".join(chr(0xFF10 + d) for d in range(10)))),
+        ]
+        for index, value in enumerate(values):
+            for name in ("delivery", "bounce"):  # one-statement path, and the general one
+                with self.subTest(value=value, name=name):
+                    body = for_message(name, self.sent, Metadata={"mailauto_message_id": value})
+                    if name == "bounce":
+                        body["ID"] = 2 * 10**12 + index
+                    self.assertAccepted(self.post(body))
+        events = TrackingEvent.objects.all()
+        self.assertEqual(len(events), 2 * len(values))
+        self.assertEqual({event.message_id for event in events}, {self.sent.pk})
+        other.refresh_from_db()
+        self.assertEqual(other.status, Message.Status.SENT)
+
+    def test_a_metadata_id_too_long_for_a_bigint_is_ignored(self) -> None:
+        body = for_message("delivery", self.sent, Metadata={"mailauto_message_id": "9" * 19})
+        self.assertAccepted(self.post(body))
+        self.assertEqual(TrackingEvent.objects.get().message_id, self.sent.pk)
+
+    def test_a_bad_metadata_id_and_no_esp_id_stores_the_event_unlinked(self) -> None:
+        body = for_message("delivery", self.sent, Metadata={"mailauto_message_id": "²"}, MessageID="")
+        self.assertAccepted(self.post(body))
+        self.assertIsNone(TrackingEvent.objects.get().message_id)
+        self.sent.refresh_from_db()
+        self.assertEqual(self.sent.status, Message.Status.SENT)
