@@ -30,14 +30,15 @@ from django.conf import settings
 from django.core.mail import get_connection
 from django.db import connection as db_connection
 from django.db import transaction
-from django.db.models import Exists, F, OuterRef, Q
-from django.db.models.functions import Lower
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.db.models.expressions import RawSQL
+from django.db.models.functions import Greatest, Lower
 from django.utils import timezone
 
 from campaigns import throttle
 from campaigns.esp_batch import BatchItemResult, batch_sender_for
 from campaigns.esp_idempotency import apply_idempotency_key
-from campaigns.models import Broadcast, EventType, Message, TemplateVersion
+from campaigns.models import Automation, Broadcast, EventType, Message, TemplateVersion
 from campaigns.rendering import RenderedEmail, build_context, render_email
 from campaigns.schemas import sensitive_fields
 from campaigns.warmup import warmup_admit, warmup_release, warmup_schedule_current
@@ -45,7 +46,8 @@ from mailauto.lib import metrics
 from mailauto.lib.backoff import retry_delay
 from mailauto.lib.nudge import nudge
 from suppression.consent import consent_decision
-from suppression.models import Suppression
+from suppression.models import HashedSuppression, Suppression
+from suppression.privacy import ERASED_DOMAIN, email_hashes
 from suppression.selectors import send_decision
 from suppression.services import suppression_add
 from suppression.unsubscribe import message_headers, message_links
@@ -70,7 +72,9 @@ class SendError:
     reason: str
     retry_after: float | None = None
     suppress_recipient: bool = False
-    rate_limited: bool = False  # the ESP said "slow down": feeds the shared adaptive rate
+    # The ESP said "slow down" (a 429, or a 5xx with Retry-After): feeds the shared
+    # adaptive rate, and its Retry-After pauses every worker.
+    rate_limited: bool = False
 
 
 def classify_send_error(exc: BaseException) -> SendError:
@@ -107,8 +111,16 @@ def classify_send_error(exc: BaseException) -> SendError:
             )
         if status >= 500 or status in (401, 403, 408):
             # 5xx with a response: the ESP answered that it failed. 401/403: a bad key
-            # is an operator's problem, not the recipient's; keep the message.
-            return SendError(ErrorKind.RETRYABLE, f"ESP answered {status}", _retry_after(response))
+            # is an operator's problem, not the recipient's; keep the message. A 5xx
+            # with Retry-After (a 503 while the ESP sheds load) says "slow down" as
+            # plainly as a 429: it feeds the shared rate and pauses every worker.
+            retry_after = _retry_after(response)
+            return SendError(
+                ErrorKind.RETRYABLE,
+                f"ESP answered {status}" + (" with Retry-After" if retry_after is not None else ""),
+                retry_after,
+                rate_limited=status >= 500 and retry_after is not None,
+            )
         if status == 409:
             # Resend: this Idempotency-Key came with another payload, or its first request
             # is still in flight. The ESP has (or is taking) these messages: never resend
@@ -198,22 +210,61 @@ def claimable_messages_q(now) -> Q:  # type: ignore[no-untyped-def]
 
 
 def _max_claims() -> int:
-    # Claims include requeues for rate-limit waits and warm-up; only a message whose
-    # worker dies holding it (CLAIMED past its lease) this many times is buried.
+    # A claim handed back unsent (a rate-limit or warm-up wait, a paused source) is not
+    # counted (_requeue, _hand_off), so claims count hand-offs, retries and crashes; only
+    # a message whose worker dies holding it (CLAIMED past its lease) this many times is
+    # buried.
     return int(_options()["RETRY_MAX_ATTEMPTS"]) * 4
 
 
 def messages_bury_poison() -> int:
     """Dead-letter messages whose worker died while holding them (before the hand-off,
     e.g. while rendering) too many times; otherwise they would kill workers forever."""
-    return Message.objects.filter(
-        status=Message.Status.CLAIMED, locked_until__lt=timezone.now(), claims__gte=_max_claims()
-    ).update(
+    return _end_abandoned(
+        Message.objects.filter(
+            status=Message.Status.CLAIMED, locked_until__lt=timezone.now(), claims__gte=_max_claims()
+        ),
         status=Message.Status.DEAD,
-        status_reason="its worker stopped while preparing it, every time",
-        locked_until=None,
-        updated_at=timezone.now(),
+        reason="its worker stopped while preparing it, every time",
     )
+
+
+def _end_abandoned(queryset: QuerySet[Message], *, status: str, reason: str) -> int:
+    """Give the messages of `queryset` (abandoned by a worker that stopped) `status` and
+    `reason`, and say so in each one's error history, as _finish does for an ESP error.
+
+    The history is JSON appended per row, so the rows are locked and written with one
+    bulk UPDATE per thousand; a row another transaction holds (a webhook reconciling it,
+    a worker recording its outcome) is skipped, and the next sweep sees it if it still
+    qualifies.
+    """
+    ended = 0
+    while True:
+        now = timezone.now()
+        with transaction.atomic():
+            rows = list(
+                queryset.select_for_update(skip_locked=True, of=("self",))
+                .only("id", "attempts", "error_history")
+                .order_by("id")[:1000]
+            )
+            for message in rows:
+                entry = {
+                    "at": now.isoformat(),
+                    "attempt": message.attempts,
+                    "status": status,
+                    "error": reason,
+                }
+                message.error_history = [*message.error_history, entry][-MAX_ERROR_HISTORY:]
+                message.status = status
+                message.status_reason = reason[:255]
+                message.locked_until = None
+                message.updated_at = now
+            Message.objects.bulk_update(
+                rows, ["status", "status_reason", "locked_until", "updated_at", "error_history"]
+            )
+        ended += len(rows)
+        if len(rows) < 1000:
+            return ended
 
 
 # Columns the send path never reads (it writes them with UPDATEs): not loading them
@@ -221,7 +272,7 @@ def messages_bury_poison() -> int:
 # claim's CPU. Reading one of them later costs a query per message:
 # test_a_batch_is_sent_in_a_number_of_queries_that_does_not_grow_with_its_size.
 _NOT_READ_WHILE_SENDING = (
-    *("status_reason", "locked_until", "resent_after_unknown", "esp_message_id", "subject"),
+    *("status_reason", "locked_until", "esp_message_id", "subject"),
     *("last_error", "created_at", "sent_at", "updated_at"),
     *("event__user_id", "event__status", "event__attempts", "event__available_at"),
     *("event__locked_until", "event__processed_at", "event__result", "event__last_error"),
@@ -373,7 +424,8 @@ def _feed_back(items: list[BatchItemResult]) -> int:
     limited = [e for e in errors if e.rate_limited]
     if limited:
         retry_after = max((e.retry_after or 0.0) for e in limited) or None
-        throttle.report_rate_limited(retry_after=retry_after, reason="the ESP answered 429")
+        reason = limited[0].reason + (f", Retry-After {retry_after:g}s" if retry_after else "")
+        throttle.report_rate_limited(retry_after=retry_after, reason=reason)
     else:
         throttle.report_success()
     return sum(1 for e in errors if e.kind == ErrorKind.RETRYABLE)
@@ -382,13 +434,35 @@ def _feed_back(items: list[BatchItemResult]) -> int:
 def _requeue(messages: list[Message], *, send_after: datetime, reason: str) -> int:
     """Claimed messages that will not be sent in this batch go back to the queue as
     they were (nothing left the building: no attempt is counted)."""
-    return Message.objects.filter(pk__in=[m.pk for m in messages], status=Message.Status.CLAIMED).update(
+    return Message.objects.filter(_still_ours(messages)).update(
         status=Message.Status.QUEUED,
         send_after=send_after,
         status_reason=reason[:255],
         locked_until=None,
         updated_at=timezone.now(),
+        # Nor a claim: a message deferred day after day by warm-up, or again and again
+        # by the rate limit, must not look like one that keeps killing its worker
+        # (messages_bury_poison) at its first real crash.
+        claims=_claim_given_back(),
     )
+
+
+def _still_ours(messages: list[Message]) -> Q:
+    """The rows of `messages` that this worker still holds: CLAIMED (or SENDING) under
+    the lease it took (kept on each instance as locked_until). A worker that stalled past
+    its lease may find a row claimed again by another worker, same status, another
+    lease: that row is not its to send, requeue or finish."""
+    by_lease: dict[tuple[str, datetime | None], list[int]] = {}
+    for message in messages:
+        by_lease.setdefault((message.status, message.locked_until), []).append(message.pk)
+    q = Q(pk__in=[])
+    for (status, lease), pks in by_lease.items():
+        q |= Q(pk__in=pks, status=status, locked_until=lease)
+    return q
+
+
+def _claim_given_back() -> Greatest:
+    return Greatest(F("claims") - 1, 0)
 
 
 def _count(result: SendBatchResult) -> None:
@@ -460,7 +534,12 @@ def message_email(
         tags=[message.purpose],
     )
     email.attach_alternative(rendered.html, "text/html")
-    apply_idempotency_key(email, message_key=message.idempotency_key, esp_name=settings.ESP_NAME)
+    apply_idempotency_key(
+        email,
+        message_key=message.idempotency_key,
+        esp_name=settings.ESP_NAME,
+        after_unknown=message.resent_after_unknown,
+    )
     return email
 
 
@@ -488,7 +567,9 @@ def _prepare(messages: list[Message], connection: object, result: SendBatchResul
         try:
             rendered = message_render(message=message, links=links, sensitive_by_type=sensitive_by_type)
         except Exception as err:
-            logger.exception("rendering failed", extra={"message_id": message.pk})
+            logger.exception(
+                "rendering failed", extra={"message_id": message.pk, "outbox_event_id": message.event_id}
+            )
             _finish(
                 message,
                 status=Message.Status.FAILED,
@@ -508,24 +589,30 @@ def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgo
 
     The same statement refuses addresses suppressed by then ("suppression wins": a
     suppression committed before this UPDATE stops the send, with no check-then-act
-    gap), and messages of a broadcast paused or cancelled by then (not in
-    Broadcast.MAY_SEND): those go back to the queue as they were, to be sent on resume
-    or cancelled by the sweeper. From here on, a crash leaves messages SENDING, which
-    the sweeper turns into UNKNOWN rather than resending blindly.
+    gap), erased ones included (only their keyed hash is left, in HashedSuppression:
+    see _erased_addresses_q), and messages of a broadcast paused or cancelled by then
+    (not in Broadcast.MAY_SEND) or of an automation deactivated by then (by a marketer,
+    or by the reputation guard mid-batch): those go back to the queue as they were, to
+    be sent on resume or cancelled by the sweeper. From here on, a crash leaves
+    messages SENDING, which the sweeper turns into UNKNOWN rather than resending blindly.
     """
     if not outgoing:
         return []
     now = timezone.now()
     lease = now + timedelta(seconds=_options()["SEND_LEASE_SECONDS"])
+    erased = _erased_addresses_q(outgoing)
     for transactional in (False, True):
-        ids = [item.message.pk for item in outgoing if item.message.transactional is transactional]
-        if ids:
+        mine = [item.message for item in outgoing if item.message.transactional is transactional]
+        if mine:
             # A fresh lease: a long batch (rate-limit waits, per-message ESPs) must not
             # see its in-flight messages expired into UNKNOWN by the sweeper.
-            Message.objects.filter(pk__in=ids, status=Message.Status.CLAIMED).filter(
+            Message.objects.filter(_still_ours(mine)).filter(
                 Q(broadcast_id__isnull=True)
                 | Exists(Broadcast.objects.filter(pk=OuterRef("broadcast_id"), status__in=Broadcast.MAY_SEND))
-            ).exclude(Exists(_blocking_suppressions(transactional))).update(
+            ).filter(
+                Q(automation_id__isnull=True)
+                | Exists(Automation.objects.filter(pk=OuterRef("automation_id"), active=True))
+            ).exclude(Exists(_blocking_suppressions(transactional))).exclude(erased).update(
                 status=Message.Status.SENDING, attempts=F("attempts") + 1, updated_at=now, locked_until=lease
             )
     handed = set(
@@ -534,11 +621,13 @@ def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgo
         ).values_list("pk", flat=True)
     )
     kept = []
-    give_back: dict[datetime | None, list[int]] = {}
+    give_back: list[Message] = []
     for item in outgoing:
         message = item.message
         if message.pk in handed:
             message.attempts += 1
+            message.status = Message.Status.SENDING
+            message.locked_until = lease
             kept.append(item)
             continue
         # Postgres refused the hand-off; ask Postgres (not a cache) why.
@@ -557,25 +646,29 @@ def _hand_off(outgoing: list[_Outgoing], result: SendBatchResult) -> list[_Outgo
             )
             result.count("suppressed")
             continue
-        # Its broadcast was paused or cancelled since the claim, or our lease expired
-        # and another worker holds it now (not ours to send, nor to touch).
-        give_back.setdefault(message.locked_until, []).append(message.pk)
-    for claim_lease, pks in give_back.items():
+        # Its broadcast was paused or cancelled, or its automation deactivated, since the
+        # claim, or our lease expired and another worker holds it now (not ours to send,
+        # nor to touch).
+        give_back.append(message)
+    if give_back:
         # Still our claim (the lease we took): back to the queue untouched, like
         # _requeue but without a new send_after or reason; no attempt was made.
-        Message.objects.filter(pk__in=pks, status=Message.Status.CLAIMED, locked_until=claim_lease).update(
-            status=Message.Status.QUEUED, locked_until=None, updated_at=now
+        Message.objects.filter(_still_ours(give_back)).update(
+            status=Message.Status.QUEUED, locked_until=None, updated_at=now, claims=_claim_given_back()
         )
     return kept
 
 
 def _record_results(chunk: list[_Outgoing], items: list[BatchItemResult], result: SendBatchResult) -> None:
     sent: list[tuple[int, str, str]] = []
+    event_pks: dict[int, None] = {}  # an ordered set
     latencies: list[float] = []
     now = timezone.now()
     for item, outcome in zip(chunk, items, strict=True):
         if outcome.error is None:
             sent.append((item.message.pk, outcome.esp_message_id, item.subject))
+            if item.message.event_id is not None:
+                event_pks[item.message.event_id] = None
             if item.message.event is not None:
                 latencies.append((now - item.message.event.created_at).total_seconds())
         else:
@@ -584,7 +677,16 @@ def _record_results(chunk: list[_Outgoing], items: list[BatchItemResult], result
         _record_sent(sent)
         result.sent += len(sent)
         metrics.observe_latencies("event_to_esp_seconds", latencies)
-        logger.info("messages sent", extra={"count": len(sent), "message_ids": [row[0] for row in sent][:20]})
+        # Outbox row ids, not the callers' event_id strings: an application may build
+        # those from personal data ("signup-<address>"), which never goes in a log line.
+        logger.info(
+            "messages sent",
+            extra={
+                "count": len(sent),
+                "message_ids": [row[0] for row in sent][:20],
+                "outbox_event_ids": list(event_pks)[:20],
+            },
+        )
 
 
 def _record_sent(rows: list[tuple[int, str, str]]) -> None:
@@ -619,6 +721,28 @@ def _record_sent(rows: list[tuple[int, str, str]]) -> None:
         cursor.execute(sql, params)
 
 
+def _erased_addresses_q(outgoing: list[_Outgoing]) -> Q:
+    """The messages of `outgoing` whose address was erased (GDPR Art. 17), as a condition
+    of the hand-off UPDATE itself, so an erasure committed after the claim still wins.
+
+    Erasure deletes the plain Suppression rows and keeps only a keyed HMAC of the address
+    (suppression.privacy), which SQL cannot compute; so the statement is given each
+    message's hashes (one per SECRET_KEY and fallback) as a VALUES list and matches them
+    against HashedSuppression: part of the UPDATE, no extra query. The placeholder
+    addresses erasure leaves behind are refused too (nothing is delivered there).
+    """
+    rows = [(item.message.pk, h) for item in outgoing for h in email_hashes(item.message.to_email)]
+    values = ", ".join(["(%s, %s)"] * len(rows))
+    # Only %s placeholders and a table name from the model's metadata are interpolated.
+    sql = (
+        f"WITH v(id, email_hash) AS (VALUES {values}) "  # noqa: S608
+        f"SELECT CAST(v.id AS BIGINT) FROM v "
+        f"WHERE v.email_hash IN (SELECT email_hash FROM {HashedSuppression._meta.db_table})"
+    )
+    params = [value for row in rows for value in row]
+    return Q(pk__in=RawSQL(sql, params)) | Q(to_email__iendswith="@" + ERASED_DOMAIN)  # noqa: S611
+
+
 def _blocking_suppressions(transactional: bool):  # type: ignore[no-untyped-def]
     blocking = Suppression.objects.filter(email=Lower(OuterRef("to_email"))).filter(
         Q(topic="") | Q(topic=OuterRef("purpose"))
@@ -630,7 +754,11 @@ def _blocking_suppressions(transactional: bool):  # type: ignore[no-untyped-def]
 
 def _record_failure(message: Message, error: SendError, exc: BaseException) -> str:
     detail = f"{error.reason}: {type(exc).__name__}: {str(exc)[:500]}"
-    logger.warning("send failed (%s)", error.kind, extra={"message_id": message.pk, "reason": error.reason})
+    logger.warning(
+        "send failed (%s)",
+        error.kind,
+        extra={"message_id": message.pk, "outbox_event_id": message.event_id, "reason": error.reason},
+    )
     if error.kind == ErrorKind.AMBIGUOUS:
         _finish(
             message,
@@ -711,22 +839,25 @@ def _finish(
         fields["send_after"] = send_after
     queryset = Message.objects.filter(pk=message.pk)
     if from_status is not None:
-        queryset = queryset.filter(status=from_status)
+        # Only while this worker still holds it: the status it expects, under its lease.
+        queryset = queryset.filter(status=from_status, locked_until=message.locked_until)
     queryset.update(**fields)
 
 
 # --- housekeeping ------------------------------------------------------------------------
 
 
+STILL_UNKNOWN = "still unknown after one resend"
+LEASE_EXPIRED_WHILE_SENDING = "worker stopped while handing the message to the ESP"
+
+
 def messages_expire_leases() -> int:
     """SENDING messages whose worker's lease ran out may or may not have reached the ESP:
     hold them as UNKNOWN until a webhook or the grace period decides."""
-    now = timezone.now()
-    return Message.objects.filter(status=Message.Status.SENDING, locked_until__lt=now).update(
+    return _end_abandoned(
+        Message.objects.filter(status=Message.Status.SENDING, locked_until__lt=timezone.now()),
         status=Message.Status.UNKNOWN,
-        status_reason="worker stopped while handing the message to the ESP",
-        locked_until=None,
-        updated_at=now,
+        reason=LEASE_EXPIRED_WHILE_SENDING,
     )
 
 
@@ -739,8 +870,8 @@ def messages_resend_unknown() -> int:
     now = timezone.now()
     cutoff = now - timedelta(seconds=_options()["UNKNOWN_RESEND_GRACE_SECONDS"])
     stale = Message.objects.filter(status=Message.Status.UNKNOWN, updated_at__lt=cutoff)
-    dead = stale.filter(resent_after_unknown=True).update(
-        status=Message.Status.DEAD, status_reason="still unknown after one resend", updated_at=now
+    dead = _end_abandoned(
+        stale.filter(resent_after_unknown=True), status=Message.Status.DEAD, reason=STILL_UNKNOWN
     )
     requeued = stale.filter(resent_after_unknown=False).update(
         status=Message.Status.QUEUED,
@@ -752,16 +883,71 @@ def messages_resend_unknown() -> int:
     return requeued + dead
 
 
+@dataclass(frozen=True)
+class ReplayResult:
+    replayed: int
+    # Dead or failed, but an earlier attempt may have reached the ESP (an ambiguous
+    # outcome): refused, since the recipient may already have the message.
+    refused_maybe_delivered: list[int]
+
+    def summary(self) -> str:
+        text = f"{self.replayed} message(s) queued for replay."
+        if self.refused_maybe_delivered:
+            ids = ", ".join(str(pk) for pk in self.refused_maybe_delivered[:20])
+            more = "…" if len(self.refused_maybe_delivered) > 20 else ""
+            text += (
+                f" {len(self.refused_maybe_delivered)} not replayed: an earlier attempt may have"
+                f" reached the ESP (outcome unknown), so a replay could send it twice: {ids}{more}."
+            )
+        return text
+
+
+def _may_have_reached_esp(*, resent_after_unknown: bool, status_reason: str, error_history: list) -> bool:
+    """Did an earlier attempt end ambiguously (the ESP may have taken the message)?
+
+    What records it: `resent_after_unknown` (set when an UNKNOWN message is requeued for
+    its one resend, and by an erasure of a SENDING/UNKNOWN one), the reasons the sweeper
+    writes (STILL_UNKNOWN, LEASE_EXPIRED_WHILE_SENDING), and an error history entry with
+    status "unknown" (_record_failure for an ambiguous error, messages_expire_leases).
+    A webhook that later names the message moves it out of DEAD/FAILED (see
+    webhooks.services.BEFORE_SENT), so a reconciled message is never a replay candidate.
+    """
+    if resent_after_unknown:
+        return True
+    if status_reason.startswith((STILL_UNKNOWN, LEASE_EXPIRED_WHILE_SENDING)):
+        return True
+    return any(
+        isinstance(entry, dict) and entry.get("status") == Message.Status.UNKNOWN
+        for entry in error_history or []
+    )
+
+
 @transaction.atomic
-def messages_replay(*, message_ids: list[int]) -> int:
-    """Queue dead or failed messages again. A message the ESP is known to have accepted
-    (it has an ESP message id) is never replayed: that would be a duplicate."""
-    return (
+def messages_replay(*, message_ids: list[int]) -> ReplayResult:
+    """Queue dead or failed messages again, and say which were refused. A message the
+    ESP is known to have accepted (it has an ESP message id) is never replayed, nor one
+    it may have accepted (_may_have_reached_esp): either would be a duplicate."""
+    candidates = (
         Message.objects.filter(id__in=message_ids, status__in=[Message.Status.DEAD, Message.Status.FAILED])
         .filter(esp_message_id="")
         .exclude(contact__erased_at__isnull=False)
-        .update(status=Message.Status.QUEUED, status_reason="replayed", attempts=0, send_after=timezone.now())
     )
+    replayable: list[int] = []
+    refused: list[int] = []
+    for pk, resent, reason, history in candidates.values_list(
+        "id", "resent_after_unknown", "status_reason", "error_history"
+    ):
+        ambiguous = _may_have_reached_esp(
+            resent_after_unknown=resent, status_reason=reason, error_history=history
+        )
+        (refused if ambiguous else replayable).append(pk)
+    # The same conditions again in the UPDATE: a webhook may have reconciled one since.
+    replayed = candidates.filter(id__in=replayable).update(
+        status=Message.Status.QUEUED, status_reason="replayed", attempts=0, send_after=timezone.now()
+    )
+    if refused:
+        logger.warning("replay refused", extra={"message_ids": sorted(refused)[:20], "count": len(refused)})
+    return ReplayResult(replayed=replayed, refused_maybe_delivered=sorted(refused))
 
 
 def nudge_send_workers() -> None:

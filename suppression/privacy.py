@@ -21,7 +21,7 @@ from django.apps import apps
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models import Q, TextField
-from django.db.models.functions import Cast
+from django.db.models.functions import Cast, Lower
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
@@ -40,6 +40,9 @@ EXPORT_FORMAT = "mailauto.contact-export/1"
 EMAIL_HASH_SALT = "mailauto.suppression.email-hash"
 USER_ID_HASH_SALT = "mailauto.suppression.user-id-hash"
 ERASED_TEXT = "[erased]"
+# The status reason of a message stopped because its address was erased (the same words
+# as suppression.selectors.send_decision's answer for an erased address).
+ERASED_ADDRESS_REASON = "suppressed: erased (GDPR Art. 17)"
 
 
 # --- keyed hashes ----------------------------------------------------------------------
@@ -59,7 +62,9 @@ def email_hash(email: str, *, secret: str | None = None) -> str:
     ).hexdigest()
 
 
-def _email_hashes(email: str) -> list[str]:
+def email_hashes(email: str) -> list[str]:
+    """The address's hash under the current key and under every fallback key: what a
+    HashedSuppression row may hold for it (the send path's hand-off matches on these)."""
     return [email_hash(email, secret=key) for key in _keys()]
 
 
@@ -86,14 +91,14 @@ def is_hashed_suppressed(email: str) -> bool:
         return False
     if normalize_email(email).endswith("@" + ERASED_DOMAIN):
         return True
-    return HashedSuppression.objects.filter(email_hash__in=_email_hashes(email)).exists()
+    return HashedSuppression.objects.filter(email_hash__in=email_hashes(email)).exists()
 
 
 def hashed_suppressed_among(emails: set[str]) -> set[str]:
     """The addresses of `emails` that are erased (one query for the whole set)."""
     normalized = {normalize_email(e) for e in emails if e}
     erased = {e for e in normalized if e.endswith("@" + ERASED_DOMAIN)}
-    by_hash = {h: e for e in normalized - erased for h in _email_hashes(e)}
+    by_hash = {h: e for e in normalized - erased for h in email_hashes(e)}
     if by_hash:
         hits = HashedSuppression.objects.filter(email_hash__in=list(by_hash)).values_list(
             "email_hash", flat=True
@@ -108,7 +113,7 @@ def hashed_suppression_lift(*, email: str, actor: str, reason: str) -> bool:
     consents. Needs a reason; audited."""
     if not reason.strip() or not actor.strip():
         raise ValueError("Lifting a hashed suppression needs an actor and a reason.")
-    hashes = _email_hashes(email)
+    hashes = email_hashes(email)
     deleted, _ = HashedSuppression.objects.filter(email_hash__in=hashes).delete()
     if deleted:
         AuditLogEntry.objects.create(
@@ -295,6 +300,9 @@ class ErasureResult:
     email_hash: str
     messages: int = 0
     messages_stopped: int = 0
+    # Not yet handed off, to the same address through another contact: stopped too (the
+    # address is suppressed for good, whoever it was queued for).
+    messages_stopped_other_contacts: int = 0
     messages_in_flight: int = 0
     events: int = 0
     events_mentioning: int = 0
@@ -348,7 +356,8 @@ def contact_erase(*, contact: Contact, actor: str, reason: str) -> ErasureResult
       scrubbed from results and errors; other events that mention the address have it
       scrubbed from their payload;
     - its messages: to_email replaced, subject blanked, the address scrubbed from
-      reasons and errors; those not yet handed to the ESP are stopped (suppressed);
+      reasons and errors; those not yet handed to the ESP are stopped (suppressed), and
+      so are other contacts' messages to the same address not yet handed off;
     - its consent records: IP, user agent and evidence dropped (action, time, source,
       notice and email hash stay: proof of past consent);
     - suppressions of the address: replaced by one HashedSuppression; the suppression
@@ -381,6 +390,21 @@ def contact_erase(*, contact: Contact, actor: str, reason: str) -> ErasureResult
     result.messages_stopped = Message.objects.filter(
         id__in=message_ids, status__in=[Message.Status.QUEUED, Message.Status.CLAIMED]
     ).update(status=Message.Status.SUPPRESSED, status_reason="contact erased (GDPR Art. 17)", updated_at=now)
+    # The address is suppressed for good (HashedSuppression, below), so mail queued to it
+    # for another contact sharing it stops too. A worker holding one CLAIMED loses its
+    # hand-off (that UPDATE expects CLAIMED); one SENDING already left. They keep their
+    # address: it is still the other contact's.
+    result.messages_stopped_other_contacts = (
+        Message.objects.alias(address=Lower("to_email"))
+        .filter(address=email, status__in=[Message.Status.QUEUED, Message.Status.CLAIMED])
+        .exclude(id__in=message_ids)
+        .update(
+            status=Message.Status.SUPPRESSED,
+            status_reason=ERASED_ADDRESS_REASON,
+            locked_until=None,
+            updated_at=now,
+        )
+    )
     # An UNKNOWN message may have reached the ESP; it keeps that status, but is marked as
     # already resent so the grace-period resend never mails the placeholder address.
     result.messages_in_flight = Message.objects.filter(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from suppression import cache
 from suppression.models import Suppression, Topic
-from suppression.privacy import hashed_suppressed_among, is_hashed_suppressed
+from suppression.privacy import ERASED_ADDRESS_REASON, hashed_suppressed_among, is_hashed_suppressed
 from suppression.services import normalize_email
 from suppression.topics import preference_topics
 
@@ -57,7 +57,7 @@ def _decide(*, erased: bool, rows: list[tuple[str, str]], purpose: str, transact
     if erased:
         # Erased contacts (GDPR Art. 17) survive only as a keyed hash; this stops
         # transactional mail too.
-        return SendDecision(allowed=False, reason="suppressed: erased (GDPR Art. 17)")
+        return SendDecision(allowed=False, reason=ERASED_ADDRESS_REASON)
     for topic, reason in rows:
         if topic not in ("", purpose):
             continue

@@ -60,10 +60,11 @@ class MessageAdmin(ExactSearchMixin, admin.ModelAdmin):
 
     @admin.action(description="Replay selected dead/failed messages", permissions=["replay"])
     def replay_messages(self, request: HttpRequest, queryset: QuerySet[Message]) -> None:
-        count = messages_replay(message_ids=list(queryset.values_list("id", flat=True)))
-        if count:
+        result = messages_replay(message_ids=list(queryset.values_list("id", flat=True)))
+        if result.replayed:
             nudge_send_workers()  # schedules the nudge on commit
-        self.message_user(request, f"{count} message(s) queued for replay.", messages.SUCCESS)
+        level = messages.WARNING if result.refused_maybe_delivered else messages.SUCCESS
+        self.message_user(request, result.summary(), level)
 
     def has_replay_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("campaigns.change_message")

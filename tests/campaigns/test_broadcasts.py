@@ -695,7 +695,7 @@ class SandboxSendTests(BroadcastTestCase):
         broadcast.refresh_from_db()
         self.assertEqual(broadcast.status, Broadcast.Status.SENT)
 
-        self.assertEqual(messages_replay(message_ids=[ada.pk]), 1)
+        self.assertEqual(messages_replay(message_ids=[ada.pk]).replayed, 1)
         result = messages_send_batch()
 
         self.assertEqual((result.claimed, result.sent), (1, 1))

@@ -8,7 +8,9 @@ from unittest import mock
 
 import pytest
 import requests
+import time_machine
 from anymail.exceptions import AnymailAPIError, AnymailRecipientsRefused
+from django.conf import settings
 from django.db import connection
 from django.test import TestCase, override_settings
 from django.test.utils import CaptureQueriesContext
@@ -194,10 +196,10 @@ class SendTests(SandboxTestCase):
         self.assertEqual(message.status, Message.Status.QUEUED)
         self.assertIn("waiting for the send rate limit", message.status_reason)
         self.assertEqual(message.attempts, 1)  # waiting for a token is not an attempt
+        self.assertEqual(message.claims, 1)  # nor a claim (only the first, handed off)
 
         # Once the pause is over (forget the bucket's state) it goes out.
         import redis
-        from django.conf import settings
 
         client = redis.Redis.from_url(settings.REDIS_URL)
         client.delete(*client.scan_iter("mailauto:throttle:*"))
@@ -221,7 +223,6 @@ class SendTests(SandboxTestCase):
         self.assertEqual(len(message.error_history), 3)
 
     def settings_mailauto(self) -> dict:
-        from django.conf import settings
 
         return dict(settings.MAILAUTO)
 
@@ -298,11 +299,62 @@ class LeaseAndReplayTests(SandboxTestCase):
     def test_replay_never_requeues_a_message_the_esp_accepted(self) -> None:
         dead = self.queued(status=Message.Status.DEAD)
         accepted = self.queued(status=Message.Status.DEAD, esp_message_id="abc")
-        self.assertEqual(messages_replay(message_ids=[dead.pk, accepted.pk]), 1)
+        self.assertEqual(messages_replay(message_ids=[dead.pk, accepted.pk]).replayed, 1)
         dead.refresh_from_db()
         accepted.refresh_from_db()
         self.assertEqual(dead.status, Message.Status.QUEUED)
         self.assertEqual(accepted.status, Message.Status.DEAD)
+
+    def test_replay_refuses_a_message_whose_lost_answer_was_followed_by_failed_retries(self) -> None:
+        """The ESP took the first attempt (the answer was lost), the one resend after the
+        grace period met 500s until dead: it has no ESP id, yet the recipient has it."""
+
+        message = self.queued()
+        self.sandbox.set_faults(drop=1)
+        messages_send_batch()
+        Message.objects.filter(pk=message.pk).update(updated_at=timezone.now() - timedelta(days=2))
+        messages_resend_unknown()
+        self.sandbox.set_faults(fail_500=10)
+
+        with override_settings(MAILAUTO={**settings.MAILAUTO, "RETRY_MAX_ATTEMPTS": 2}):
+            messages_send_batch()
+        message.refresh_from_db()
+        self.assertEqual((message.status, message.esp_message_id), (Message.Status.DEAD, ""))
+        self.assertIn("retries exhausted", message.status_reason)
+        clean = self.queued(status=Message.Status.DEAD, status_reason="retries exhausted: ESP answered 500")
+
+        result = messages_replay(message_ids=[message.pk, clean.pk])
+
+        self.assertEqual((result.replayed, result.refused_maybe_delivered), (1, [message.pk]))
+        self.assertIn("1 message(s) queued for replay.", result.summary())
+        self.assertIn(
+            f"may have reached the ESP (outcome unknown), so a replay could send it twice: {message.pk}.",
+            result.summary(),
+        )
+        message.refresh_from_db()
+        clean.refresh_from_db()
+        self.assertEqual((message.status, clean.status), (Message.Status.DEAD, Message.Status.QUEUED))
+        self.assertEqual(len(self.sandbox.messages()), 1)  # the first attempt, never replayed
+
+    def test_replay_refuses_every_record_of_an_ambiguous_attempt(self) -> None:
+        ambiguous = [
+            # Dead by the sweeper after the one resend stayed unknown too.
+            self.queued(status=Message.Status.DEAD, status_reason="still unknown after one resend"),
+            # Resent after an unknown outcome, then refused permanently.
+            self.queued(
+                status=Message.Status.FAILED, resent_after_unknown=True, status_reason="rejected (422)"
+            ),
+            # An ambiguous answer in its error history (replayed and failed since).
+            self.queued(
+                status=Message.Status.FAILED,
+                status_reason="rejected by the ESP (422)",
+                error_history=[{"status": "unknown", "error": "no answer from the ESP after sending"}],
+            ),
+        ]
+        self.assertEqual(messages_replay(message_ids=[m.pk for m in ambiguous]).replayed, 0)
+        for message in ambiguous:
+            message.refresh_from_db()
+            self.assertIn(message.status, (Message.Status.DEAD, Message.Status.FAILED))
 
 
 def _api_error(status: int, headers: dict | None = None) -> AnymailAPIError:
@@ -388,12 +440,15 @@ class HandOffLeaseTests(SandboxTestCase):
         from campaigns import delivery
 
         message = self.queued()
-        real_render = delivery.message_render
-
-        def slow_render(**kw):  # type: ignore[no-untyped-def]
-            # The claim's lease has run out by the time this message is handed off.
-            Message.objects.filter(pk=message.pk).update(locked_until=timezone.now() - timedelta(seconds=1))
-            return real_render(**kw)
+        lease = timedelta(seconds=settings.MAILAUTO["SEND_LEASE_SECONDS"])
+        # Claimed so long ago that the claim's lease has run out by the hand-off (and no
+        # other worker took it over meanwhile: the row still holds this claim's lease).
+        claimed_at = timezone.now() - lease - timedelta(seconds=1)
+        Message.objects.filter(pk=message.pk).update(send_after=claimed_at - timedelta(seconds=1))
+        with time_machine.travel(claimed_at):
+            batch = delivery.messages_claim(limit=10)
+        self.assertEqual([m.pk for m in batch], [message.pk])
+        self.assertLess(Message.objects.get(pk=message.pk).locked_until, timezone.now())
 
         seen = {}
 
@@ -405,10 +460,10 @@ class HandOffLeaseTests(SandboxTestCase):
 
         original_send = PostmarkBatchSender.send
         with (
-            mock.patch("campaigns.delivery.message_render", side_effect=slow_render),
+            mock.patch.object(delivery, "messages_claim", return_value=batch),
             mock.patch.object(PostmarkBatchSender, "send", autospec=True, side_effect=check_lease),
         ):
-            messages_send_batch()
+            self.assertEqual(messages_send_batch().sent, 1)
         self.assertGreater(seen["locked_until"], timezone.now() + timedelta(seconds=60))
 
 
@@ -428,9 +483,113 @@ class PoisonMessageTests(SandboxTestCase):
         self.assertIn("worker stopped", poison.status_reason)
 
 
-def test_only_a_429_feeds_the_adaptive_rate() -> None:
+class CrashPathHistoryTests(SandboxTestCase):
+    """The sweeper's verdicts on abandoned messages are in the error history the admin
+    shows, like an ESP error's."""
+
+    def test_an_expired_sending_lease_then_a_second_unknown_are_in_the_history(self) -> None:
+        message = self.queued(
+            status=Message.Status.SENDING,
+            locked_until=timezone.now() - timedelta(seconds=1),
+            attempts=1,
+            error_history=[{"at": "earlier", "attempt": 0, "status": "queued", "error": "ESP answered 500"}],
+        )
+        self.assertEqual(messages_expire_leases(), 1)
+        message.refresh_from_db()
+        self.assertEqual((message.status, message.locked_until), (Message.Status.UNKNOWN, None))
+        self.assertEqual(len(message.error_history), 2)
+        entry = message.error_history[-1]
+        self.assertEqual((entry["status"], entry["attempt"]), ("unknown", 1))
+        self.assertIn("worker stopped while handing the message to the ESP", entry["error"])
+        self.assertTrue(entry["at"])
+
+        Message.objects.filter(pk=message.pk).update(
+            resent_after_unknown=True, updated_at=timezone.now() - timedelta(days=2)
+        )
+        self.assertEqual(messages_resend_unknown(), 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.DEAD)
+        self.assertEqual(
+            [(e["status"], e["error"]) for e in message.error_history[1:]],
+            [
+                ("unknown", "worker stopped while handing the message to the ESP"),
+                ("dead", "still unknown after one resend"),
+            ],
+        )
+
+    def test_a_buried_poison_message_says_so_in_its_history(self) -> None:
+        from campaigns.delivery import _max_claims, messages_bury_poison
+
+        expired = timezone.now() - timedelta(seconds=1)
+        poison = self.queued(status=Message.Status.CLAIMED, locked_until=expired, claims=_max_claims())
+        self.assertEqual(messages_bury_poison(), 1)
+        poison.refresh_from_db()
+        [entry] = poison.error_history
+        self.assertEqual(entry["status"], "dead")
+        self.assertIn("worker stopped while preparing it", entry["error"])
+
+    def test_warm_up_waits_are_not_claims_that_bury_a_message_at_its_first_crash(self) -> None:
+        from campaigns.delivery import _max_claims, messages_bury_poison
+        from campaigns.models import WarmupSchedule
+
+        WarmupSchedule.objects.create(
+            name="mailauto.test", start_date=timezone.now().date() + timedelta(days=3), daily_caps=[5]
+        )
+        message = self.queued()
+        for _ in range(_max_claims() + 1):  # deferred day after day
+            Message.objects.filter(pk=message.pk).update(send_after=timezone.now())
+            self.assertEqual(messages_send_batch().deferred, 1)
+        message.refresh_from_db()
+        self.assertEqual((message.status, message.claims), (Message.Status.QUEUED, 0))
+
+        # Its first real crash: claimed, and the worker dies before the hand-off.
+        Message.objects.filter(pk=message.pk).update(send_after=timezone.now())
+        self.assertEqual([m.pk for m in messages_claim(limit=5)], [message.pk])
+        Message.objects.filter(pk=message.pk).update(locked_until=timezone.now() - timedelta(seconds=1))
+        self.assertEqual(messages_bury_poison(), 0)
+        self.assertEqual([m.pk for m in messages_claim(limit=5)], [message.pk])  # retried instead
+
+
+def test_a_429_or_a_retry_after_feeds_the_adaptive_rate() -> None:
     assert classify_send_error(_api_error(429)).rate_limited
     assert not classify_send_error(_api_error(503)).rate_limited
+    assert not classify_send_error(_api_error(500)).rate_limited
+    for status in (500, 502, 503):
+        with_header = classify_send_error(_api_error(status, {"Retry-After": "30"}))
+        assert (with_header.kind, with_header.rate_limited, with_header.retry_after) == (
+            ErrorKind.RETRYABLE,
+            True,
+            30.0,
+        )
+    # Not a "slow down": an operator's problem, retried as before.
+    assert not classify_send_error(_api_error(401, {"Retry-After": "30"})).rate_limited
+
+
+class RetryAfterWithoutA429Tests(SandboxTestCase):
+    # The shared rate starts fresh for each test (tests/conftest.py, _fresh_rate_limits).
+    def test_a_503_with_retry_after_slows_and_pauses_the_shared_rate(self) -> None:
+        from campaigns import throttle
+
+        message = self.queued()
+        self.sandbox.set_faults(fail_503=1, retry_after=120)
+        self.assertEqual(messages_send_batch().retrying, 1)
+        state = throttle.effective_rate()
+        self.assertLess(state.rate, state.ceiling)
+        self.assertIsNotNone(state.paused_until)
+        self.assertGreaterEqual(state.paused_until, timezone.now() + timedelta(seconds=100))
+        self.assertIn("503", state.reason)
+        message.refresh_from_db()
+        self.assertGreaterEqual(message.send_after, timezone.now() + timedelta(seconds=115))
+
+    def test_a_503_without_retry_after_does_not_lower_it(self) -> None:
+        from campaigns import throttle
+
+        self.queued()
+        self.sandbox.set_faults(fail_503=1)
+        self.assertEqual(messages_send_batch().retrying, 1)
+        state = throttle.effective_rate()
+        self.assertEqual(state.rate, state.ceiling)
+        self.assertIsNone(state.paused_until)
 
 
 class PausedSourceClaimTests(SandboxTestCase):
@@ -450,3 +609,123 @@ class PausedSourceClaimTests(SandboxTestCase):
         self.assertEqual(messages_send_batch().sent, 1)
         message.refresh_from_db()
         self.assertEqual(message.status, Message.Status.SENT)
+
+
+class ErasedAddressTests(SandboxTestCase):
+    """An erased address survives only as a keyed hash (HashedSuppression): the hand-off
+    must refuse it like any suppression, whichever contact the message is for."""
+
+    def test_an_address_erased_through_another_contact_is_not_sent_to(self) -> None:
+        from suppression.privacy import contact_erase
+
+        # Ada complained; a second contact row shares her address.
+        suppression_add(email="ada@example.com", reason=Suppression.Reason.COMPLAINT, source="test")
+        twin = factories.contact(user_id="u-twin", email="Ada@Example.com")
+        contact_erase(contact=self.contact, actor="ops", reason="Art. 17 request")
+        self.assertFalse(Suppression.objects.filter(email="ada@example.com").exists())
+        # Queued for the twin after the erasure (erasure itself stops what was queued).
+        message = factories.message(self.version, twin, self.event)
+
+        result = messages_send_batch()
+
+        self.assertEqual((result.suppressed, result.sent), (1, 0))
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.SUPPRESSED)
+        self.assertEqual(message.status_reason, "suppressed: erased (GDPR Art. 17)")
+        self.assertEqual(message.attempts, 0)
+        self.assertEqual(self.sandbox.messages(), [])
+
+    def test_an_erasure_committed_after_claim_and_render_still_wins(self) -> None:
+        """The hand-off UPDATE itself matches the hashes (no check-then-act gap)."""
+        from campaigns import delivery
+        from suppression.models import HashedSuppression
+        from suppression.privacy import email_hash
+
+        message = self.queued()
+        real_render = delivery.message_render
+
+        def render_then_erase(**kw):  # type: ignore[no-untyped-def]
+            rendered = real_render(**kw)
+            HashedSuppression.objects.create(email_hash=email_hash("ada@example.com"), reason="erased")
+            return rendered
+
+        with mock.patch("campaigns.delivery.message_render", side_effect=render_then_erase):
+            result = messages_send_batch()
+        self.assertEqual(result.suppressed, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.SUPPRESSED)
+        self.assertIn("erased", message.status_reason)
+        self.assertEqual(self.sandbox.messages(), [])
+
+    def test_other_addresses_in_the_batch_still_go(self) -> None:
+        from suppression.models import HashedSuppression
+        from suppression.privacy import email_hash
+
+        HashedSuppression.objects.create(email_hash=email_hash("ada@example.com"), reason="erased")
+        erased = self.queued()
+        bob = factories.message(self.version, factories.contact(email="bob@example.com"), self.event)
+        result = messages_send_batch()
+        self.assertEqual((result.sent, result.suppressed), (1, 1))
+        erased.refresh_from_db()
+        bob.refresh_from_db()
+        self.assertEqual((erased.status, bob.status), (Message.Status.SUPPRESSED, Message.Status.SENT))
+        self.assertEqual([m["to"] for m in self.sandbox.messages()], [["bob@example.com"]])
+
+
+class AutomationPausedMidBatchTests(SandboxTestCase):
+    def test_mail_of_an_automation_paused_after_the_claim_waits_until_it_is_active(self) -> None:
+        """The reputation guard may pause an automation while a worker renders its batch:
+        the hand-off re-checks it, as it does a broadcast, and the message waits."""
+        from campaigns import delivery
+
+        automation = factories.automation(self.type, self.version, active=True)
+        message = self.queued(automation=automation)
+        real_render = delivery.message_render
+
+        def render_then_pause(**kw):  # type: ignore[no-untyped-def]
+            rendered = real_render(**kw)
+            type(automation).objects.filter(pk=automation.pk).update(active=False)
+            return rendered
+
+        with mock.patch("campaigns.delivery.message_render", side_effect=render_then_pause):
+            result = messages_send_batch()
+        self.assertEqual((result.claimed, result.sent, result.requests), (1, 0, 0))
+        self.assertEqual(self.sandbox.messages(), [])
+        message.refresh_from_db()
+        self.assertEqual((message.status, message.attempts, message.claims), (Message.Status.QUEUED, 0, 0))
+        self.assertEqual(messages_send_batch().claimed, 0)  # still paused: it waits
+
+        automation.active = True
+        automation.save(update_fields=["active"])
+        self.assertEqual(messages_send_batch().sent, 1)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.SENT)
+
+
+class DeliveryLogTests(SandboxTestCase):
+    def test_sent_and_failed_log_lines_carry_message_and_event_ids_and_no_address(self) -> None:
+        import json
+
+        from mailauto.lib.structured_logs import JsonFormatter, KeyValueFormatter
+
+        # A caller's own event id may carry personal data: the outbox row id is logged.
+        event = factories.outbox_event(self.type, "u-1", {"plan": "pro"}, event_id="signup-ada@example.com")
+        sent = factories.message(self.version, self.contact, event)
+        inactive = factories.contact(user_id="u-3", email="inactive@example.com")
+        failed_event = factories.outbox_event(self.type, "u-3", {}, event_id="signup-inactive@example.com")
+        failed = factories.message(self.version, inactive, failed_event)
+
+        with self.assertLogs("campaigns.delivery", level="INFO") as logs:
+            result = messages_send_batch()
+        self.assertEqual((result.sent, result.failed), (1, 1))
+
+        as_json = {r.getMessage(): json.loads(JsonFormatter().format(r)) for r in logs.records}
+        self.assertEqual(as_json["messages sent"]["message_ids"], [sent.pk])
+        self.assertEqual(as_json["messages sent"]["outbox_event_ids"], [event.pk])
+        self.assertEqual(as_json["send failed (permanent)"]["message_id"], failed.pk)
+        self.assertEqual(as_json["send failed (permanent)"]["outbox_event_id"], failed_event.pk)
+        line = KeyValueFormatter("%(message)s").format(logs.records[-1])
+        self.assertIn(f"outbox_event_ids=[{event.pk}]", line.replace(" ", ""))
+        for record in logs.records:
+            self.assertNotIn("@", KeyValueFormatter("%(message)s").format(record))
+            self.assertNotIn("@", JsonFormatter().format(record))

@@ -81,6 +81,8 @@ class MetricsTests(SandboxTestCase):
         self.assertIn(str(message.pk), line)
         as_json = json.loads(JsonFormatter().format(record))
         self.assertEqual(as_json["message_ids"], [message.pk])
+        self.assertEqual(as_json["outbox_event_ids"], [message.event_id])
+        self.assertIsNotNone(message.event_id)
         for r in logs.records:
             self.assertNotIn("@", KeyValueFormatter("%(message)s").format(r))
             self.assertNotIn("ada@example.com", JsonFormatter().format(r))
