@@ -13,6 +13,17 @@ answer is described on ResendBatchSender).
 
 Errors come out as the same Anymail exceptions a single send raises, so
 campaigns.delivery.classify_send_error stays the one table of what they mean.
+
+Idempotency keys (campaigns.esp_idempotency): Resend takes one Idempotency-Key per
+request, for /emails/batch as for /emails, never one per email of a batch
+(https://resend.com/docs/dashboard/emails/idempotency-keys). A batch of first attempts
+carries a key naming its set of messages: retried as it was, it is replayed. A message
+resent after an unknown outcome (marked by apply_idempotency_key(..., after_unknown=True))
+is never batched: its batch companions differ from one attempt to the next, so a set key
+would be new each time. It goes alone to POST /emails with its own key, so each of its
+attempts carries the same key and Resend takes it at most once. What a batch that may
+have carried it delivered before is out of any key's reach; webhooks and the grace
+period before the resend cover that (DESIGN.md, "No blind resends").
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from anymail.exceptions import (
 from anymail.message import AnymailMessage, AnymailStatus
 from anymail.utils import EmailAddress, parse_address_list
 
-from campaigns.esp_idempotency import batch_idempotency_key
+from campaigns.esp_idempotency import batch_idempotency_key, was_resent_after_unknown
 
 
 @dataclass
@@ -214,7 +225,10 @@ class ResendBatchSender:
     whole request and shared by every message in it.
 
     The request's Idempotency-Key names the set of its messages (batch_idempotency_key,
-    which says why); it is sent only when every message has its own key.
+    which says why); it is sent only when every message has its own key. A message
+    resent after an unknown outcome is left out of the batch and sent alone through the
+    backend's own POST /emails, with its own Idempotency-Key (module docstring): one
+    more request, for a rare message, so that all its attempts carry one key.
     """
 
     esp_name = "resend"
@@ -232,8 +246,12 @@ class ResendBatchSender:
         bodies: list[str] = []
         keys: list[str | None] = []
         headers: dict[str, str] = {}
+        alone: list[int] = []
         for index, email in enumerate(emails):
             email.anymail_status = AnymailStatus()
+            if was_resent_after_unknown(email):
+                alone.append(index)
+                continue
             try:
                 payload = self.backend.build_message_payload(email, self.backend.send_defaults)
                 if payload.is_batch():
@@ -249,6 +267,8 @@ class ResendBatchSender:
             bodies.append(body)
             keys.append(payload.headers.get("Idempotency-Key"))
             headers = dict(payload.headers)  # Authorization, Content-Type, Accept
+        for index in alone:
+            results[index] = self._send_alone(emails[index])
         if not bodies:
             return results
 
@@ -273,6 +293,16 @@ class ResendBatchSender:
         for index, outcome in zip(positions, outcomes, strict=True):
             results[index] = outcome
         return results
+
+    def _send_alone(self, email: AnymailMessage) -> BatchItemResult:
+        """POST /emails through Anymail's own send path: campaigns.esp_idempotency's
+        ResendEmailBackend adds the message's own Idempotency-Key."""
+        try:
+            self.backend.send_messages([email])
+        except AnymailError as err:  # this message's alone; classified by the caller
+            return BatchItemResult(error=err)
+        esp_id = email.anymail_status.message_id
+        return BatchItemResult(esp_message_id=esp_id if isinstance(esp_id, str) else "")
 
     def _parse(self, response: requests.Response, *, expected: int) -> list[BatchItemResult]:
         try:

@@ -8,7 +8,12 @@ them in the `Idempotency-Key` HTTP header
 it 15-30 minutes (https://developers.brevo.com/docs/heterogenous-versions-batch-emails).
 The key is derived from Message.idempotency_key, so every attempt carries the same one.
 
-Resend's batch endpoint takes one key for the whole request (batch_idempotency_key).
+Resend's batch endpoint takes one key for the whole request, never one per email
+(https://resend.com/docs/dashboard/emails/idempotency-keys: "For batch sends, choose a
+key that represents the whole batch"), so a batch carries batch_idempotency_key. A
+message resent after an unknown outcome is marked (apply_idempotency_key(...,
+after_unknown=True)) and campaigns.esp_batch sends it alone, to POST /emails, with its
+own key, whatever else is sent with it.
 """
 
 from __future__ import annotations
@@ -51,14 +56,40 @@ def batch_idempotency_key(member_keys: Iterable[str]) -> str:
     What it cannot do: protect a message resent in a *different* set than the request
     that may have carried it. That case is an ambiguous outcome, and those are
     reconciled by webhooks and resent only after the grace period (DESIGN.md,
-    "No blind resends"); the per-message key protects single sends only.
+    "No blind resends"). Such a resend is therefore never put in a batch
+    (was_resent_after_unknown): it goes alone with the message's own key, so it and
+    every later attempt of it (a retry, a replay from the dead letters) are one email at
+    Resend. The copy the first batch may have delivered carried the set's key, which no
+    later request repeats: only the webhooks and the grace period stand between it and
+    the resend.
     """
     digest = "\n".join(sorted(set(member_keys)))
     return str(uuid.uuid5(KEY_NAMESPACE, f"resend-batch\n{digest}"))
 
 
-def apply_idempotency_key(email: AnymailMessage, *, message_key: str, esp_name: str) -> None:
-    """Attach the key the way this ESP wants it (no-op for ESPs without the feature)."""
+# Set on an AnymailMessage whose Message may already have reached the ESP (it is being
+# resent after an unknown outcome, Message.resent_after_unknown). Read only through
+# was_resent_after_unknown.
+RESENT_AFTER_UNKNOWN_ATTR = "mailauto_resent_after_unknown"
+
+
+def was_resent_after_unknown(email: AnymailMessage) -> bool:
+    """True when the caller marked this email as a resend after an unknown outcome.
+    Anything but a real True (no attribute, a mock, a truthy string) is a first attempt."""
+    return getattr(email, RESENT_AFTER_UNKNOWN_ATTR, False) is True
+
+
+def apply_idempotency_key(
+    email: AnymailMessage, *, message_key: str, esp_name: str, after_unknown: bool = False
+) -> None:
+    """Attach the key the way this ESP wants it (no-op for ESPs without the feature).
+
+    `after_unknown`: the message is being resent after an ambiguous attempt
+    (Message.resent_after_unknown); a Resend batch then sends it alone with this key
+    rather than under the batch's key (campaigns.esp_batch.ResendBatchSender).
+    """
+    if after_unknown is True:
+        setattr(email, RESENT_AFTER_UNKNOWN_ATTR, True)
     key = esp_idempotency_key(message_key)
     if esp_name == "brevo":
         email.extra_headers["idempotencyKey"] = key

@@ -198,7 +198,7 @@ class ResendSandboxTestCase(SandboxTestCase):
             factories.message(self.version, factories.contact(email=email), self.event) for email in emails
         ]
 
-    def anymail_email(self, to: str, key: str, **kw: Any) -> AnymailMessage:
+    def anymail_email(self, to: str, key: str, *, after_unknown: bool = False, **kw: Any) -> AnymailMessage:
         email = AnymailMessage(
             subject=kw.pop("subject", "Hello"),
             body="Hi",
@@ -207,7 +207,7 @@ class ResendSandboxTestCase(SandboxTestCase):
             metadata={"to": to},
             **kw,
         )
-        apply_idempotency_key(email, message_key=key, esp_name="resend")
+        apply_idempotency_key(email, message_key=key, esp_name="resend", after_unknown=after_unknown)
         return email
 
     def sender(self) -> ResendBatchSender:
@@ -242,6 +242,24 @@ class ResendBatchSendTests(ResendSandboxTestCase):
             self.assertEqual(accepted["metadata"], {"mailauto_message_id": str(message.pk)})
             self.assertEqual(accepted["tag"], "marketing")
         self.assertEqual(len({m["message_id"] for m in recorded}), 5)
+
+    def test_a_message_the_sweeper_resends_after_unknown_goes_alone(self) -> None:
+        """The delivery path passes Message.resent_after_unknown to the ESP layer: the
+        resend leaves the batch and goes to POST /emails under the message's own key."""
+        fresh = self.make(["fresh1@example.com", "fresh2@example.com"])
+        [resend] = self.make(["resent@example.com"])
+        Message.objects.filter(pk=resend.pk).update(resent_after_unknown=True)
+        result = messages_send_batch()
+        self.assertEqual(result.sent, 3)
+        endpoints = {m["to"][0]: (m["endpoint"], m["idempotency_key"]) for m in self.sandbox.messages()}
+        self.assertEqual(
+            endpoints["resent@example.com"], ("emails", esp_idempotency_key(resend.idempotency_key))
+        )
+        self.assertEqual(endpoints["fresh1@example.com"][0], "emails/batch")
+        self.assertEqual(endpoints["fresh1@example.com"], endpoints["fresh2@example.com"])
+        for message in [*fresh, resend]:
+            message.refresh_from_db()
+            self.assertEqual(message.status, Message.Status.SENT)
 
     def test_one_invalid_message_fails_alone(self) -> None:
         good1, bad, good2 = self.make(["a@example.com", "someone@bad_domain.example", "b@example.com"])
@@ -311,16 +329,25 @@ class ResendBatchSendTests(ResendSandboxTestCase):
                 Message.objects.filter(pk__in=[m.pk for m in messages]).delete()
 
     def test_429_and_5xx_are_classified_as_for_postmark(self) -> None:
-        for fault, status in (("fail_429", 429), ("fail_500", 500), ("fail_503", 503)):
-            with self.subTest(fault):
-                self.sandbox.set_faults(**{fault: 1}, retry_after=7)
-                [item] = self.sender().send([self.anymail_email("a@example.com", f"c-{fault}")])
+        # Any answer carrying Retry-After (a 429, or a 5xx) says "slow down" and feeds the
+        # adaptive rate; a 5xx without it is an ordinary retry. The sandbox sends
+        # Retry-After on 429 and 503 only, so the 500 here carries none.
+        for fault, retry_after, has_header in (
+            ("fail_429", 7, True),
+            ("fail_500", 7, False),
+            ("fail_503", 7, True),
+            ("fail_503", None, False),
+        ):
+            with self.subTest(fault, retry_after=retry_after):
+                self.sandbox.set_faults(**{fault: 1}, retry_after=retry_after)
+                [item] = self.sender().send([self.anymail_email("a@example.com", f"c-{fault}-{retry_after}")])
                 assert item.error is not None
                 self.assertIsInstance(item.error, AnymailRequestsAPIError)
+                self.assertEqual("Retry-After" in item.error.response.headers, has_header)  # type: ignore[attr-defined]
                 verdict = classify_send_error(item.error)
                 self.assertEqual(verdict.kind, ErrorKind.RETRYABLE)
-                self.assertEqual(verdict.rate_limited, status == 429)
-                self.assertEqual(verdict.retry_after, 7.0 if status in (429, 503) else None)
+                self.assertEqual(verdict.rate_limited, fault == "fail_429" or has_header)
+                self.assertEqual(verdict.retry_after, 7.0 if has_header else None)
 
     def test_a_dropped_batch_answer_makes_every_message_unknown(self) -> None:
         messages = self.make(["a@example.com", "b@example.com"])
@@ -348,6 +375,83 @@ class ResendBatchSendTests(ResendSandboxTestCase):
         self.assertEqual(len(recorded), 3)
         self.assertEqual([r.esp_message_id for r in again], [m["message_id"] for m in recorded])
         self.assertEqual(self.sandbox.stats()["idempotent_replays"], 1)
+
+    def test_a_message_resent_after_unknown_goes_alone_with_its_own_key(self) -> None:
+        sender = self.sender()
+        self.sandbox.set_faults(drop=1)
+        first = sender.send([self.anymail_email(f"{n}@example.com", f"unk-{n}") for n in "abc"])
+        self.assertTrue(all(isinstance(r.error, AnymailRequestsAPIError) for r in first))
+        first_key = batch_idempotency_key(esp_idempotency_key(f"unk-{n}") for n in "abc")
+
+        # After the grace period: "a" is resent, among messages it was never with.
+        resend = self.anymail_email("a@example.com", "unk-a", after_unknown=True)
+        again = sender.send(
+            [
+                self.anymail_email("d@example.com", "unk-d"),
+                resend,
+                self.anymail_email("e@example.com", "unk-e"),
+            ]
+        )
+        recorded = self.sandbox.messages()
+        by_recipient: dict[str, list[dict[str, Any]]] = {}
+        for m in recorded:
+            by_recipient.setdefault(m["to"][0], []).append(m)
+        # The resend went alone, to POST /emails, under the message's own key.
+        self.assertEqual(
+            [(m["endpoint"], m["idempotency_key"]) for m in by_recipient["a@example.com"]],
+            [("emails/batch", first_key), ("emails", esp_idempotency_key("unk-a"))],
+        )
+        # (The first copy above carried the first batch's key, which no later request can
+        # repeat: covering it is the job of the webhooks and the grace period.)
+        # The new messages kept their batch, whose key names them alone.
+        new_key = batch_idempotency_key(esp_idempotency_key(f"unk-{n}") for n in "de")
+        for to in ("d@example.com", "e@example.com"):
+            [m] = by_recipient[to]
+            self.assertEqual((m["endpoint"], m["idempotency_key"]), ("emails/batch", new_key))
+        self.assertEqual(
+            [r.esp_message_id for r in again],
+            [
+                by_recipient[to][-1]["message_id"]
+                for to in ("d@example.com", "a@example.com", "e@example.com")
+            ],
+        )
+        self.assertEqual(resend.anymail_status.message_id, again[1].esp_message_id)
+
+    def test_every_attempt_of_a_message_sent_alone_carries_its_own_key(self) -> None:
+        sender = self.sender()
+
+        def attempt(*companions: str) -> BatchItemResult:
+            emails = [self.anymail_email(to, f"own-{to}") for to in companions]
+            emails.insert(1, self.anymail_email("a@example.com", "own-a", after_unknown=True))
+            return sender.send(emails)[1]
+
+        self.sandbox.set_faults(drop=1)  # the first request is the message sent alone
+        dropped = attempt("x@example.com")
+        self.assertEqual(classify_send_error(dropped.error).kind, ErrorKind.AMBIGUOUS)  # type: ignore[arg-type]
+        replayed = attempt("y@example.com", "z@example.com")  # other companions
+        self.sandbox.set_faults(fail_503=1)
+        refused = attempt("w@example.com")
+        self.assertEqual(getattr(refused.error, "status_code", None), 503)
+        replayed_again = attempt("v@example.com")
+
+        # Every attempt after the first was answered with the first one's email: same key
+        # and same request each time, whatever was sent with it; Resend holds it once.
+        [held] = [m for m in self.sandbox.messages() if m["to"] == ["a@example.com"]]
+        self.assertEqual(
+            (held["endpoint"], held["idempotency_key"]), ("emails", esp_idempotency_key("own-a"))
+        )
+        self.assertEqual(
+            (replayed.esp_message_id, replayed_again.esp_message_id), (held["message_id"], held["message_id"])
+        )
+        self.assertEqual(self.sandbox.stats()["idempotent_replays"], 2)
+
+    def test_a_message_sent_alone_fails_alone(self) -> None:
+        bad = self.anymail_email("someone@bad_domain.example", "alone-bad", after_unknown=True)
+        good = self.anymail_email("b@example.com", "alone-good")
+        results = self.sender().send([bad, good])
+        self.assertEqual(classify_send_error(results[0].error).kind, ErrorKind.PERMANENT)  # type: ignore[arg-type]
+        self.assertEqual([m["to"] for m in self.sandbox.messages()], [["b@example.com"]])
+        self.assertEqual(results[1].esp_message_id, self.sandbox.messages()[0]["message_id"])
 
     def test_the_same_messages_with_a_changed_body_are_refused_as_a_whole_not_resent(self) -> None:
         sender = self.sender()

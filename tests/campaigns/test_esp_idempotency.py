@@ -13,6 +13,7 @@ from campaigns.esp_idempotency import (
     apply_idempotency_key,
     batch_idempotency_key,
     esp_idempotency_key,
+    was_resent_after_unknown,
 )
 
 
@@ -55,6 +56,17 @@ class IdempotencyKeyTests(SimpleTestCase):
         email = email_for("postmark", "evt-1:3")
         self.assertEqual(email.extra_headers, {})
         self.assertFalse(hasattr(email, "mailauto_idempotency_key"))
+
+    def test_a_resend_after_unknown_is_marked_for_sending_alone(self) -> None:
+        first = email_for("resend", "evt-1:3")
+        again = AnymailMessage(subject="s", body="b", from_email="a@example.com", to=["b@example.com"])
+        apply_idempotency_key(again, message_key="evt-1:3", esp_name="resend", after_unknown=True)
+        self.assertFalse(was_resent_after_unknown(first))
+        self.assertTrue(was_resent_after_unknown(again))
+        self.assertEqual(again.mailauto_idempotency_key, first.mailauto_idempotency_key)  # type: ignore[attr-defined]
+        # Read defensively: only a real True marks a resend.
+        again.mailauto_resent_after_unknown = "yes"  # type: ignore[attr-defined]
+        self.assertFalse(was_resent_after_unknown(again))
 
     def test_resend_is_selected_with_the_idempotent_backend(self) -> None:
         import os
