@@ -30,16 +30,13 @@ def _actor(request: HttpRequest) -> str:
     return f"admin:{request.user.get_username()}"[:150]
 
 
-# --- Contact actions (attached by campaigns' ContactAdmin) ------------------------------
+# --- Contact actions (campaigns' ContactAdmin takes ContactPrivacyActionsMixin) -------
 
 
-@admin.action(description="Export personal data (GDPR Art. 15/20) as JSON")
+@admin.action(description="Export personal data (GDPR Art. 15/20) as JSON", permissions=["export"])
 def export_contacts_action(
     modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Contact]
 ) -> HttpResponse | None:
-    if not request.user.has_perm("suppression.export_contact"):
-        modeladmin.message_user(request, "You may not export personal data.", messages.ERROR)
-        return None
     total = queryset.count()
     if total > EXPORT_ACTION_LIMIT:
         modeladmin.message_user(
@@ -60,13 +57,10 @@ def export_contacts_action(
     return response
 
 
-@admin.action(description="Erase personal data (GDPR Art. 17)…", permissions=["change"])
+@admin.action(description="Erase personal data (GDPR Art. 17)…", permissions=["erase"])
 def erase_contacts_action(
     modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Contact]
 ) -> TemplateResponse | None:
-    if not request.user.has_perm("suppression.erase_contact"):
-        modeladmin.message_user(request, "You may not erase personal data.", messages.ERROR)
-        return None
     reason = request.POST.get("reason", "").strip()
     confirmed = request.POST.get("post") == "yes"
     if confirmed and reason:
@@ -96,6 +90,20 @@ def erase_contacts_action(
     }
     request.current_app = modeladmin.admin_site.name
     return TemplateResponse(request, "admin/suppression/erase_confirmation.html", context)
+
+
+class ContactPrivacyActionsMixin:
+    """The export and erase actions for a Contact ModelAdmin, offered only to users
+    holding suppression's `export_contact` / `erase_contact` permissions: contacts are
+    read-only in the admin, so the actions cannot ride on the change permission."""
+
+    actions = [export_contacts_action, erase_contacts_action]
+
+    def has_export_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("suppression.export_contact")
+
+    def has_erase_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("suppression.erase_contact")
 
 
 # --- Notices ---------------------------------------------------------------------------

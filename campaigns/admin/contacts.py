@@ -9,16 +9,15 @@ from django.utils.safestring import SafeString
 
 from campaigns.admin.common import ExactSearchMixin, _changelist_url, _pretty_json
 from campaigns.models import Contact, Message
-from suppression.admin_compliance import erase_contacts_action, export_contacts_action
+from suppression.admin_compliance import ContactPrivacyActionsMixin
 
 
 @admin.register(Contact)
-class ContactAdmin(ExactSearchMixin, admin.ModelAdmin):
+class ContactAdmin(ContactPrivacyActionsMixin, ExactSearchMixin, admin.ModelAdmin):
     """Read-only: contacts are written by identify(), and erased by the GDPR service."""
 
     list_display = ["user_id", "email", "region", "attribute_count", "created_at", "updated_at"]
     list_filter = ["region", "do_not_sell"]
-    actions = [export_contacts_action, erase_contacts_action]
     exact_search_fields = ("user_id", "email")
     search_help_text = "Exact user id or email address (case-sensitive)."
     show_full_result_count = False

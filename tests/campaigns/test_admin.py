@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import re
 from datetime import UTC, datetime
+from typing import Any
 from unittest.mock import patch
 
 from django.contrib.auth import get_user_model
@@ -29,6 +31,7 @@ from campaigns.models import (
     TemplateVersion,
 )
 from mailauto.lib import nudge
+from suppression.models import AuditLogEntry
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 SCHEMA = {
@@ -323,6 +326,31 @@ class MessageAdminTests(AdminTestCase):
         self.assertEqual(statuses[sent.pk], Message.Status.SENT)
         self.assertIn("2 message(s) queued for replay.", self.messages_of(response))
 
+    def test_replay_refuses_a_message_that_may_have_reached_the_esp_and_says_so(self) -> None:
+        maybe = message(
+            self.version,
+            5,
+            status=Message.Status.DEAD,
+            status_reason="still unknown after one resend",
+            resent_after_unknown=True,
+        )
+        with (
+            patch.object(tasks.messages_send, "apply_async") as apply_async,
+            self.captureOnCommitCallbacks(execute=True),
+        ):
+            response = self.client.post(
+                changelist(Message),
+                {"action": "replay_messages", "_selected_action": [maybe.pk], "index": 0},
+            )
+        apply_async.assert_not_called()  # nothing was queued, so no worker is woken
+        maybe.refresh_from_db()
+        self.assertEqual(maybe.status, Message.Status.DEAD)
+        [text] = self.messages_of(response)
+        self.assertIn("0 message(s) queued for replay. 1 not replayed", text)
+        self.assertIn(f"could send it twice: {maybe.pk}.", text)
+        [level] = [m.level_tag for m in get_messages(response.wsgi_request)]
+        self.assertEqual(level, "warning")
+
     def test_messages_are_read_only(self) -> None:
         self.assertEqual(
             self.client.post(change(self.message), {"to_email": "x@example.com"}).status_code, 403
@@ -480,6 +508,43 @@ class TemplateVersionAdminTests(AdminTestCase):
         self.assertNotIn('<p style="color:red">Plan example', content)
         # Sample data: the trigger's schema for the payload, a placeholder for the rest.
         self.assertIn("<strong>Subject:</strong> Hi [first_name]", content)
+
+
+class ContactAdminGdprTests(AdminTestCase):
+    """The GDPR actions on the admin site the project serves (tests/suppression/
+    test_privacy.py covers them in depth on a site of its own)."""
+
+    def setUp(self) -> None:
+        self.client.force_login(self.admin_user)
+
+    def post_action(self, action: str, **extra: object) -> Any:
+        data = {"action": action, "_selected_action": [self.contact.pk], **extra}
+        return self.client.post(changelist(Contact), data)
+
+    def test_export_downloads_the_contacts_data_and_is_audited(self) -> None:
+        response = self.post_action("export_contacts_action")
+
+        self.assertEqual(response.status_code, 200)
+        self.assertIn("attachment;", response["Content-Disposition"])
+        exported = json.loads(response.content)["contacts"]
+        self.assertEqual([c["contact"]["user_id"] for c in exported], ["u-1"])
+        self.assertEqual(
+            list(AuditLogEntry.objects.values_list("action", "actor")), [("export", "admin:root")]
+        )
+
+    def test_erase_needs_a_reason_then_erases_and_is_audited(self) -> None:
+        self.assertContains(self.post_action("erase_contacts_action"), "This cannot be undone")
+        self.contact.refresh_from_db()
+        self.assertIsNone(self.contact.erased_at)
+
+        self.post_action("erase_contacts_action", post="yes", reason="Art. 17 request #12")
+
+        self.contact.refresh_from_db()
+        self.assertIsNotNone(self.contact.erased_at)
+        self.assertNotEqual(self.contact.email, "ada@example.com")
+        self.assertEqual(
+            list(AuditLogEntry.objects.values_list("action", "actor")), [("erase", "admin:root")]
+        )
 
 
 class AutomationAdminTests(AdminTestCase):
