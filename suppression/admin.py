@@ -14,6 +14,7 @@ from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
 from suppression.models import Suppression, SuppressionLogEntry, Topic
+from suppression.privacy import is_hashed_suppressed
 from suppression.services import normalize_email, suppression_add, suppression_remove
 
 # The confirmation page lists at most this many; the action still covers the whole selection.
@@ -32,7 +33,14 @@ class SuppressionForm(forms.ModelForm):
 
     def clean_email(self) -> str:
         # Normalised before the unique (email, topic) check, as suppression_add stores it.
-        return normalize_email(self.cleaned_data["email"])
+        email = normalize_email(self.cleaned_data["email"])
+        if is_hashed_suppressed(email):
+            raise forms.ValidationError(
+                "This address was erased (GDPR Art. 17) and is already suppressed for every "
+                "purpose, stored only as a hash (Hashed suppressions); a plain entry would "
+                "store the address again."
+            )
+        return email
 
 
 @admin.register(Suppression)
@@ -58,6 +66,7 @@ class SuppressionAdmin(admin.ModelAdmin):
             topic=obj.topic,
             detail=obj.detail,
         )
+        assert saved is not None, "clean_email refuses erased addresses"
         for field in saved._meta.concrete_fields:
             setattr(obj, field.attname, getattr(saved, field.attname))
         obj._state.adding = False

@@ -3,6 +3,7 @@ the recipient's own changes (unsubscribe links, the preference centre) built on 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ SOURCE_ONE_CLICK = "recipient:one-click"
 SOURCE_PREFERENCES = "recipient:preferences"
 OPT_IN_REASON = "recipient opted in via preference centre"
 
+logger = logging.getLogger(__name__)
+
 
 def normalize_email(email: str) -> str:
     return email.strip().lower()
@@ -26,16 +29,26 @@ def normalize_email(email: str) -> str:
 @transaction.atomic
 def suppression_add(
     *, email: str, reason: str, source: str, topic: str = "", detail: str = ""
-) -> Suppression:
+) -> Suppression | None:
     """Suppress an address (idempotent: an existing entry keeps its reason, except that
     an unsubscribe is upgraded to any stronger reason).
+
+    An erased address (GDPR Art. 17; suppression.privacy) is suppressed for good already,
+    as a keyed hash only: a late complaint, bounce or unsubscribe for it stores nothing
+    (a plain row would put the address back) and returns None.
 
     Why the upgrade: an unsubscribe lets transactional mail through and can be undone
     by the recipient in the preference centre; a complaint or a hard bounce after it
     (common: some mail clients unsubscribe when the user reports spam) must stop
     everything, for good.
     """
+    # Imported here: suppression.privacy builds on this module.
+    from suppression.privacy import is_hashed_suppressed
+
     email = normalize_email(email)
+    if is_hashed_suppressed(email):
+        logger.info("suppression of an erased address not stored: it is suppressed as a hash")
+        return None
     suppression, created = Suppression.objects.get_or_create(
         email=email, topic=topic, defaults={"reason": reason, "source": source, "detail": detail}
     )
@@ -87,7 +100,7 @@ def suppression_remove(
 
 def recipient_unsubscribe(
     *, email: str, topic: str, source: str, message_id: int | None = None
-) -> Suppression:
+) -> Suppression | None:
     """Unsubscribe an address from one topic, or from all marketing (topic "").
 
     Takes effect when this returns: the row is committed before the recipient sees the

@@ -23,7 +23,8 @@ from django.utils import timezone
 
 from campaigns.models import Message
 from mailauto.lib.prepared import prepared_cursor
-from suppression.models import Suppression
+from suppression.models import HashedSuppression, Suppression
+from suppression.privacy import ERASED_DOMAIN, email_hashes, hashed_suppressed_among
 from suppression.services import normalize_email, suppression_add
 from webhooks.models import TrackingEvent
 from webhooks.selectors import (
@@ -293,6 +294,7 @@ def _record_in_one_statement(
         message_pk_from_metadata(metadata),
         esp_message_id,
         esp_message_id,
+        email_hashes(recipient),
         *(values[f.attname] for f in _insert_fields() if f.name != "message"),
         *_advance_params(tracking_event=tracking_event, target=target, now=now, connection=connection),
     ]
@@ -321,6 +323,9 @@ def _record_with_effects(
     esp_message_id = _text(event.message_id)
     link = message_for_tracking_event(metadata=metadata, esp_message_id=esp_message_id)
     recipient = normalize_email(_text(event.recipient) or (link.to_email if link else ""))
+    # One query for both: the message's address (a placeholder once erased) and the
+    # event's (erased: its keyed hash is in HashedSuppression).
+    erased = bool(hashed_suppressed_among({recipient, link.to_email if link else ""} - {""}))
 
     tracking_event = TrackingEvent(
         esp=esp,
@@ -341,6 +346,8 @@ def _record_with_effects(
         metadata=metadata,
         esp_event=esp_event,
     )
+    if erased:
+        _erased_scrub(tracking_event)
     if not _insert_once(tracking_event):
         logger.debug(
             "tracking event already recorded",
@@ -351,7 +358,10 @@ def _record_with_effects(
     if link is not None:
         _message_advance(link=link, tracking_event=tracking_event, now=now)
     reason = suppression_reason(event_type=event_type, reject_reason=event.reject_reason, kind=kind)
-    if reason is None and kind == TrackingEvent.BounceKind.SOFT:
+    if erased:
+        # Suppressed for good already, as a hash; a plain row would store the address.
+        reason = None
+    elif reason is None and kind == TrackingEvent.BounceKind.SOFT:
         reason = _soft_bounce_check(recipient=recipient, now=now)
     if reason is not None and recipient:
         suppression_add(
@@ -370,6 +380,23 @@ def _record_with_effects(
             },
         )
     return tracking_event
+
+
+# An event about an erased address (GDPR Art. 17: suppression.privacy.contact_erase) is
+# stored, so the message's timeline and the reputation counts stay right, but without
+# what would bring the address back: the recipient becomes a placeholder, the ESP's
+# payload and our metadata are dropped, and the free texts (an MTA response quotes the
+# address) are blanked. Its id was derived before, from the event as it came, so a
+# redelivery is still recognised.
+ERASED_RECIPIENT = f"erased@{ERASED_DOMAIN}"
+ERASED_SCRUBBED = ("recipient", "description", "mta_response", "click_url", "metadata", "esp_event")
+
+
+def _erased_scrub(tracking_event: TrackingEvent) -> None:
+    tracking_event.recipient = ERASED_RECIPIENT
+    tracking_event.description = tracking_event.mta_response = tracking_event.click_url = ""
+    tracking_event.metadata = {}
+    tracking_event.esp_event = {}
 
 
 def _insert_once(tracking_event: TrackingEvent) -> bool:
@@ -488,7 +515,8 @@ def _record_sql(vendor: str, target: str) -> str:
     """The one statement behind _record_in_one_statement, for events proving `target`.
 
     Parameters: the message id from our metadata (or NULL), the ESP's message id twice,
-    the TrackingEvent columns but `message` in model order, then _advance_params.
+    the recipient's keyed hashes (suppression.privacy.email_hashes), the TrackingEvent
+    columns but `message` in model order, then _advance_params.
     Returns one row (the event's id, its message's id) when the event was inserted,
     none when it was there already.
 
@@ -501,14 +529,23 @@ def _record_sql(vendor: str, target: str) -> str:
     quote = connection.ops.quote_name
     message_id, esp_id = _message_col("id"), _message_col("esp_message_id")
     fields = _insert_fields()
-    values = ", ".join(
-        "(SELECT id FROM target)"
-        if f.name == "message"
-        else "%s::jsonb"
-        if f.get_internal_type() == "JSONField"
-        else "%s"
-        for f in fields
-    )
+
+    def value(f: Field[Any, Any]) -> str:
+        if f.name == "message":
+            return "(SELECT id FROM target)"
+        param = "%s::jsonb" if f.get_internal_type() == "JSONField" else "%s"
+        if f.name in ERASED_SCRUBBED:
+            # An erased recipient's personal data never comes back (see _erased_scrub).
+            blank = "'{}'::jsonb" if f.get_internal_type() == "JSONField" else "''"
+            if f.name == "recipient":
+                blank = f"'{ERASED_RECIPIENT}'"
+            # Literals from this module's constants only; the values stay parameters.
+            return f"CASE WHEN (SELECT yes FROM erased) THEN {blank} ELSE {param} END"  # noqa: S608
+        return param
+
+    values = ", ".join(value(f) for f in fields)
+    to_email = _message_col("to_email")
+    hashed = connection.ops.quote_name(HashedSuppression._meta.db_table)
     columns = ", ".join(quote(str(f.column)) for f in fields)
     pk = quote(str(TrackingEvent._meta.pk.column))
     event_message = quote(str(TrackingEvent._meta.get_field("message").column))
@@ -520,6 +557,9 @@ def _record_sql(vendor: str, target: str) -> str:
         f"(SELECT {message_id} FROM {_message_table()} WHERE {message_id} = %s), "
         f"(SELECT {message_id} FROM {_message_table()} WHERE {esp_id} = %s AND %s <> '' "
         f"ORDER BY {message_id} DESC LIMIT 1)) AS id), "
+        f"erased AS (SELECT (EXISTS (SELECT 1 FROM {_message_table()} WHERE {message_id} = "
+        f"(SELECT id FROM target) AND {to_email} LIKE '%%@{ERASED_DOMAIN}') "
+        f"OR EXISTS (SELECT 1 FROM {hashed} WHERE email_hash = ANY(%s))) AS yes), "
         f"inserted AS (INSERT INTO {quote(TrackingEvent._meta.db_table)} ({columns}) VALUES ({values}) "
         f"ON CONFLICT ({conflict}) DO NOTHING RETURNING {pk} AS id, {event_message} AS message_id), "
         f"advanced AS (UPDATE {_message_table()} SET {assignments} "

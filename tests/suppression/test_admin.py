@@ -9,7 +9,9 @@ from django.test import TestCase
 from django.urls import reverse
 
 from suppression.models import Suppression, SuppressionLogEntry, Topic
+from suppression.privacy import contact_erase
 from suppression.services import suppression_add
+from tests import factories
 
 CHANGELIST = reverse("admin:suppression_suppression_changelist")
 LOG_CHANGELIST = reverse("admin:suppression_suppressionlogentry_changelist")
@@ -116,6 +118,16 @@ class SuppressionAddTests(SuppressionAdminTestCase):
         self.assertEqual(response.status_code, 200)
         self.assertTrue(response.context["adminform"].form.errors)
         self.assertEqual(Suppression.objects.filter(email="bounced@example.com").count(), 1)
+
+    def test_an_erased_address_is_refused_on_the_form_and_stays_a_hash(self) -> None:
+        contact = factories.contact(email="gone@example.com")
+        contact_erase(contact=contact, actor="test", reason="Art. 17")
+        response = self.client.post(ADD, {"email": "Gone@example.com", "topic": "", "reason": "manual"})
+
+        self.assertEqual(response.status_code, 200)
+        self.assertIn("was erased (GDPR Art. 17)", str(response.context["adminform"].form.errors))
+        self.assertFalse(Suppression.objects.filter(email="gone@example.com").exists())
+        self.assertFalse(SuppressionLogEntry.objects.filter(email="gone@example.com").exists())
 
 
 class SuppressionRemoveTests(SuppressionAdminTestCase):

@@ -3,6 +3,7 @@ Postmark's documented payloads: the status timeline, suppression, deduplication.
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -16,10 +17,12 @@ from django.utils import timezone
 
 from campaigns.models import Message
 from suppression.models import Suppression, SuppressionLogEntry
+from suppression.privacy import contact_erase, is_hashed_suppressed
+from suppression.services import recipient_unsubscribe, suppression_add
 from tests import factories
 from tests.webhooks.postmark import WebhookTestCase, basic_auth, for_message, iso, payload
 from webhooks.models import TrackingEvent
-from webhooks.services import bounce_kind, statuses_before, tracking_event_record
+from webhooks.services import ERASED_RECIPIENT, bounce_kind, statuses_before, tracking_event_record
 
 Status = Message.Status
 
@@ -634,3 +637,83 @@ class ConcurrencyTests(TransactionTestCase):
         elsewhere.start()
         elsewhere.join(timeout=30)
         self.assertEqual(seen, [True])
+
+
+class ErasedAddressTests(WebhookTestCase):
+    """Feedback that arrives after a contact was erased (GDPR Art. 17): complaints and
+    opens often come days after the send. It is recorded (the message's timeline and
+    the reputation counts stay right) without bringing the address back anywhere."""
+
+    ADDRESS = "gone@example.com"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.message_ = self.message(email=self.ADDRESS)
+        # What the ESP will post carries the address the message was sent to.
+        self.bodies = {
+            name: for_message(name, self.message_)
+            for name in ("spam_complaint", "bounce", "open", "delivery")
+        }
+        contact_erase(contact=self.message_.contact, actor="test", reason="Art. 17")
+        self.message_.refresh_from_db()
+
+    def assert_address_nowhere(self) -> None:
+        self.assertFalse(Suppression.objects.filter(email__icontains="gone@").exists())
+        self.assertFalse(SuppressionLogEntry.objects.filter(email__icontains="gone@").exists())
+        for row in TrackingEvent.objects.values():
+            self.assertNotIn(self.ADDRESS, json.dumps(row, default=str).lower())
+        self.assertTrue(is_hashed_suppressed(self.ADDRESS), "the hashed suppression survives")
+
+    def test_a_late_complaint_or_bounce_is_recorded_without_the_address(self) -> None:
+        for name in ("spam_complaint", "bounce"):
+            with self.subTest(name=name):
+                self.assertAccepted(self.post(self.bodies[name]))
+                event = TrackingEvent.objects.get(event_type=for_event_type(name))
+                self.assertEqual(event.message_id, self.message_.pk)
+                self.assertEqual(event.recipient, ERASED_RECIPIENT)
+                self.assertEqual((event.esp_event, event.metadata, event.mta_response), ({}, {}, ""))
+        self.message_.refresh_from_db()
+        self.assertEqual(self.message_.status, Status.COMPLAINED)
+        self.assert_address_nowhere()
+
+    def test_a_late_open_or_delivery_takes_one_statement_and_drops_the_address(self) -> None:
+        for name in ("delivery", "open"):
+            with self.subTest(name=name), self.assertNumQueries(1):
+                self.assertAccepted(self.post(self.bodies[name]))
+        events = TrackingEvent.objects.order_by("pk")
+        self.assertEqual([e.recipient for e in events], [ERASED_RECIPIENT] * 2)
+        self.assertEqual({e.message_id for e in events}, {self.message_.pk})
+        self.assertEqual([(e.esp_event, e.metadata) for e in events], [({}, {})] * 2)
+        self.assert_address_nowhere()
+
+    def test_an_event_naming_the_erased_address_with_no_message_is_scrubbed_too(self) -> None:
+        body = payload("open", Recipient="Gone@Example.com", MessageID="not-ours", Metadata={})
+        self.assertAccepted(self.post(body))
+        self.assertEqual(TrackingEvent.objects.get().recipient, ERASED_RECIPIENT)
+        self.assert_address_nowhere()
+
+    def test_a_redelivered_late_event_is_still_recognised(self) -> None:
+        for _ in range(2):
+            self.assertAccepted(self.post(self.bodies["spam_complaint"]))
+            self.assertAccepted(self.post(self.bodies["open"]))
+        self.assertEqual(TrackingEvent.objects.count(), 2)
+
+    def test_other_addresses_keep_their_events_as_they_came(self) -> None:
+        other = self.message(email="kept@example.com")
+        self.assertAccepted(self.post(for_message("open", other)))
+        self.assertAccepted(self.post(for_message("spam_complaint", other)))
+        self.assertEqual(set(TrackingEvent.objects.values_list("recipient", flat=True)), {"kept@example.com"})
+        self.assertTrue(Suppression.objects.filter(email="kept@example.com").exists())
+
+    def test_suppression_add_and_an_old_unsubscribe_link_store_nothing(self) -> None:
+        self.assertIsNone(
+            suppression_add(email=self.ADDRESS, reason=Suppression.Reason.MANUAL, source="test")
+        )
+        self.assertIsNone(recipient_unsubscribe(email=self.ADDRESS, topic="", source="recipient:one-click"))
+        self.assert_address_nowhere()
+
+
+def for_event_type(fixture: str) -> str:
+    return {"spam_complaint": TrackingEvent.EventType.COMPLAINED, "bounce": TrackingEvent.EventType.BOUNCED}[
+        fixture
+    ]
