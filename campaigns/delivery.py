@@ -46,6 +46,7 @@ from mailauto.lib import metrics
 from mailauto.lib.backoff import retry_delay
 from mailauto.lib.nudge import nudge
 from suppression.consent import consent_decision
+from suppression.residency import residency_decision
 from suppression.models import HashedSuppression, Suppression
 from suppression.privacy import ERASED_DOMAIN, email_hashes
 from suppression.selectors import send_decision
@@ -326,6 +327,7 @@ class SendBatchResult:
     failed: int = 0
     unknown: int = 0
     suppressed: int = 0
+    cancelled: int = 0  # refused by data residency at send time
     dead: int = 0
     deferred: int = 0  # over today's warm-up cap: waiting for tomorrow
     throttled: int = 0  # no rate-limit token in time: back in the queue
@@ -466,7 +468,7 @@ def _claim_given_back() -> Greatest:
 
 
 def _count(result: SendBatchResult) -> None:
-    for outcome in ("sent", "retrying", "failed", "unknown", "suppressed", "dead"):
+    for outcome in ("sent", "retrying", "failed", "unknown", "suppressed", "cancelled", "dead"):
         metrics.incr("sends_total", getattr(result, outcome), outcome=outcome)
     metrics.incr("esp_requests_total", result.requests)
 
@@ -549,6 +551,18 @@ def _prepare(messages: list[Message], connection: object, result: SendBatchResul
     sensitive_by_type: dict[int, set[str]] = {}
     for message in messages:
         if message.contact is not None:
+            # Data residency, again: the contact's region (or ALLOWED_REGIONS) may have
+            # changed since the event was processed. No query: the contact is loaded.
+            in_region, why = residency_decision(contact=message.contact)
+            if not in_region:
+                _finish(
+                    message,
+                    status=Message.Status.CANCELLED,
+                    reason=f"refused by data residency: {why}",
+                    from_status=Message.Status.CLAIMED,
+                )
+                result.count("cancelled")
+                continue
             # Consent may have been withdrawn (or the contact erased) since the message
             # was created; only the compliance switches that are on cost a query.
             consent = consent_decision(

@@ -106,7 +106,7 @@ def _metric_lines() -> list[str]:
         "Messages handled by the delivery engine, by outcome.",
         [
             ({"outcome": o}, m.read("sends_total", outcome=o))
-            for o in ("sent", "retrying", "failed", "unknown", "suppressed", "dead")
+            for o in ("sent", "retrying", "failed", "unknown", "suppressed", "cancelled", "dead")
         ],
     )
     counter(

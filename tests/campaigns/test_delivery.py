@@ -729,3 +729,37 @@ class DeliveryLogTests(SandboxTestCase):
         for record in logs.records:
             self.assertNotIn("@", KeyValueFormatter("%(message)s").format(record))
             self.assertNotIn("@", JsonFormatter().format(record))
+
+
+class ResidencyAtSendTimeTests(SandboxTestCase):
+    """Data residency is decided again when a message is sent: the contact's region, or
+    the deployment's ALLOWED_REGIONS, may have changed since its event was processed."""
+
+    def test_a_contact_moved_out_of_the_allowed_regions_is_not_sent_and_says_why(self) -> None:
+        Contact = type(self.contact)
+        Contact.objects.filter(pk=self.contact.pk).update(region="ca")
+        message = self.queued()
+        other = factories.message(
+            self.version, factories.contact(user_id="u-2", email="bob@example.com"), self.event
+        )
+        Contact.objects.filter(pk=other.contact_id).update(region="ca")
+        Contact.objects.filter(pk=self.contact.pk).update(region="us")  # after the message was made
+        with override_settings(MAILAUTO={**settings.MAILAUTO, "ALLOWED_REGIONS": ["ca"]}):
+            result = messages_send_batch()
+        self.assertEqual((result.sent, result.cancelled), (1, 1), result)
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.CANCELLED)
+        self.assertEqual(
+            message.status_reason,
+            "refused by data residency: contact region 'us' is not in ALLOWED_REGIONS (ca)",
+        )
+        self.assertEqual([m["to"] for m in self.sandbox.messages()], [["bob@example.com"]])
+
+    def test_narrowing_allowed_regions_stops_queued_mail_transactional_included(self) -> None:
+        message = self.queued(transactional=True)
+        with override_settings(MAILAUTO={**settings.MAILAUTO, "ALLOWED_REGIONS": ["ch"]}):
+            messages_send_batch()
+        message.refresh_from_db()
+        self.assertEqual(message.status, Message.Status.CANCELLED)
+        self.assertIn("ALLOWED_REGIONS (ch) does not list 'unknown'", message.status_reason)
+        self.assertEqual(self.sandbox.messages(), [])
