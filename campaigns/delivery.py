@@ -46,9 +46,9 @@ from mailauto.lib import metrics
 from mailauto.lib.backoff import retry_delay
 from mailauto.lib.nudge import nudge
 from suppression.consent import consent_decision
-from suppression.residency import residency_decision
 from suppression.models import HashedSuppression, Suppression
 from suppression.privacy import ERASED_DOMAIN, email_hashes
+from suppression.residency import residency_decision
 from suppression.selectors import send_decision
 from suppression.services import suppression_add
 from suppression.unsubscribe import message_headers, message_links
