@@ -48,6 +48,13 @@ def _verified(token: str) -> RecipientLink | None:
         return None
 
 
+def _client_ip(request: HttpRequest) -> str | None:
+    """For the consent ledger's evidence. REMOTE_ADDR only, as in consent_views:
+    X-Forwarded-For is client-controlled unless a trusted proxy rewrites it (behind a
+    proxy, have it set REMOTE_ADDR)."""
+    return request.META.get("REMOTE_ADDR") or None
+
+
 def _rate_limited(request: HttpRequest) -> bool:
     """Per client IP (django-ratelimit; behind a proxy set RATELIMIT_IP_META_KEY)."""
     try:
@@ -133,7 +140,14 @@ def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
     one_click = data.get(ONE_CLICK_BODY[0]) == ONE_CLICK_BODY[1] or scope is None
     topic = "" if scope == "all" else link.topic
     source = SOURCE_ONE_CLICK if one_click else SOURCE_UNSUBSCRIBE_LINK
-    recipient_unsubscribe(email=link.email, topic=topic, source=source, message_id=link.message_id)
+    recipient_unsubscribe(
+        email=link.email,
+        topic=topic,
+        source=source,
+        message_id=link.message_id,
+        ip=_client_ip(request),
+        user_agent=request.headers.get("User-Agent", ""),
+    )
     logger.info(
         "recipient unsubscribed",
         extra={"message_id": link.message_id, "topic": topic, "source": source},
@@ -166,6 +180,8 @@ def preferences(request: HttpRequest, token: str) -> HttpResponse:
             leave_all=data.get("leave_all") == "on",
             shown=set(data.getlist("shown")),
             source=SOURCE_PREFERENCES,
+            ip=_client_ip(request),
+            user_agent=request.headers.get("User-Agent", ""),
         )
         logger.info(
             "recipient preferences saved",

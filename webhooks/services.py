@@ -25,7 +25,7 @@ from campaigns.models import Message
 from mailauto.lib.prepared import prepared_cursor
 from suppression.models import HashedSuppression, Suppression
 from suppression.privacy import ERASED_DOMAIN, email_hashes, hashed_suppressed_among
-from suppression.services import normalize_email, suppression_add
+from suppression.services import normalize_email, recipient_consent_withdraw, suppression_add
 from webhooks.models import TrackingEvent
 from webhooks.selectors import (
     MessageLink,
@@ -370,6 +370,15 @@ def _record_with_effects(
             source=f"webhook:{esp}",
             detail=_suppression_detail(tracking_event),
         )
+        if reason == Reason.UNSUBSCRIBE:
+            # An unsubscribe through the ESP (Postmark's SubscriptionChange, a list
+            # unsubscribe the ESP handled) withdraws consent like one through our pages.
+            recipient_consent_withdraw(
+                email=recipient,
+                topic="",
+                source=f"webhook:{esp}",
+                message_id=tracking_event.message_id,
+            )
         logger.info(
             "address suppressed by a tracking webhook",
             extra={

@@ -14,9 +14,11 @@ from django.test import TestCase, override_settings
 from django.urls import reverse, set_script_prefix
 
 from campaigns.delivery import messages_send_batch
-from campaigns.models import Message
+from campaigns.models import Contact, Message
 from mailauto.sandbox import SandboxServer
-from suppression.models import Suppression, SuppressionLogEntry
+from suppression.consent import consent_grant, consent_state
+from suppression.models import Suppression, SuppressionLogEntry, Topic
+from suppression.services import suppression_remove
 from suppression.unsubscribe import (
     TOKEN_SALT,
     InvalidLink,
@@ -263,3 +265,79 @@ class UnsubscribeThroughDeliveryTests(TestCase):
         receipt = self.send(purpose="newsletter", transactional=True)
         self.assertEqual(receipt.status, Message.Status.SENT)
         self.assertNotIn("List-Unsubscribe", self.sandbox.messages()[-1]["headers"])
+
+
+@override_settings(SITE_URL=HTTPS_SITE)
+class UnsubscribeWithdrawsConsentThroughDeliveryTests(TestCase):
+    """The ledger, not only the suppression list, keeps a one-click unsubscribe: with GDPR
+    on, lifting the suppression later (an admin) does not let mail through on the old
+    grant; opting in again at the preference centre does."""
+
+    def setUp(self) -> None:
+        self.sandbox = SandboxServer(port=0).start()
+        self.addCleanup(self.sandbox.stop)
+        override = override_settings(
+            EMAIL_BACKEND="anymail.backends.postmark.EmailBackend",
+            ANYMAIL=sandbox_anymail_settings(self.sandbox),
+            MAILAUTO={**settings.MAILAUTO, "GDPR": True, "CONSENT_CHECK": False},
+        )
+        override.enable()
+        self.addCleanup(override.disable)
+
+    @classmethod
+    def setUpTestData(cls) -> None:
+        cls.contact = factories.contact(email="ada@example.com", first_name="Ada")
+        Contact.objects.filter(pk=cls.contact.pk).update(region="fr")
+        cls.contact.refresh_from_db()
+        cls.version = factories.published_version(html="<p>News for {{ contact.first_name }}</p>")
+        Topic.objects.create(slug="newsletter", name="The newsletter")
+        consent_grant(contact=cls.contact, purpose="newsletter", source="signup-form")
+
+    def send(self) -> Message:
+        message = factories.message(self.version, self.contact, purpose="newsletter")
+        messages_send_batch()
+        message.refresh_from_db()
+        return message
+
+    def one_click(self) -> None:
+        url = self.sandbox.messages()[-1]["headers"]["List-Unsubscribe"].strip("<>")
+        response = self.client.post(
+            urlsplit(url).path,
+            "List-Unsubscribe=One-Click",
+            content_type="application/x-www-form-urlencoded",
+            headers={"user-agent": "Gmail one-click"},
+        )
+        self.assertEqual(response.status_code, 200)
+
+    def test_lifting_the_suppression_does_not_revive_the_old_grant(self) -> None:
+        self.assertEqual(self.send().status, Message.Status.SENT)
+        self.one_click()
+        suppression_remove(
+            email="ada@example.com", topic="newsletter", reason="lifted by staff", source="admin"
+        )
+
+        state = consent_state(contact=self.contact, purpose="newsletter")
+        assert state is not None
+        self.assertEqual(
+            (state.action, state.source, state.user_agent),
+            ("withdrawn", "recipient:one-click", "Gmail one-click"),
+        )
+        after = self.send()
+        self.assertEqual(after.status, Message.Status.SUPPRESSED)
+        self.assertIn("consent for 'newsletter' withdrawn", after.status_reason)
+        self.assertEqual(len(self.sandbox.messages()), 1)
+
+    def test_opting_in_again_at_the_preference_centre_lets_mail_through(self) -> None:
+        first = self.send()
+        self.one_click()
+        self.assertEqual(self.send().status, Message.Status.SUPPRESSED)
+
+        token = link_token(email="ada@example.com", topic="newsletter", message_id=first.pk)
+        saved = self.client.post(
+            reverse("suppression:preferences", args=[token]),
+            {"shown": ["newsletter"], "topics": ["newsletter"]},
+        )
+
+        self.assertEqual(saved.status_code, 303)
+        self.assertEqual(self.send().status, Message.Status.SENT)
+        self.assertEqual(len(self.sandbox.messages()), 2)

@@ -10,9 +10,19 @@ import time_machine
 from django.conf import settings
 from django.test import Client, TestCase, override_settings
 from django.urls import reverse
+from django.utils import timezone
 
-from campaigns.models import Broadcast
-from suppression.models import Suppression, SuppressionLogEntry, Topic
+from campaigns.models import Broadcast, Contact
+from suppression.consent import (
+    consent_decision,
+    consent_grant,
+    consent_state,
+    consent_withdraw,
+    double_opt_in_automation,
+)
+from suppression.models import ConsentRecord, Suppression, SuppressionLogEntry, Topic
+from suppression.privacy import email_hash
+from suppression.selectors import SendDecision, send_decision
 from suppression.services import suppression_add
 from suppression.unsubscribe import link_token
 from tests import factories
@@ -364,3 +374,241 @@ class RateLimitTests(RecipientPageTestCase):
 
         self.assertEqual(response.status_code, 200)
         self.assertEqual(len(self.suppressions()), 1)
+
+
+class ConsentLedgerTests(RecipientPageTestCase):
+    """Recipient choices are written to the consent ledger (GDPR Art. 7(3)), not only to
+    the suppression list: otherwise the ledger says "granted" for someone who withdrew,
+    and an opt-in at the preference centre leaves a GDPR contact with no consent."""
+
+    USER_AGENT = "Mozilla/5.0 (recipient's mail client)"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.client = Client(enforce_csrf_checks=True, REMOTE_ADDR=self.ip, HTTP_USER_AGENT=self.USER_AGENT)
+        # Stored as the application gave it; links carry the address lower-cased.
+        self.contact = factories.contact(email="Ada@Example.com")
+        Contact.objects.filter(pk=self.contact.pk).update(region="de")
+        for purpose in ("newsletter", "product-updates"):
+            consent_grant(contact=self.contact, purpose=purpose, source="signup-form")
+
+    def state(self, purpose: str, contact: Contact | None = None) -> ConsentRecord | None:
+        return consent_state(contact=contact or self.contact, purpose=purpose)
+
+    def rows(self, **filters: object) -> list[tuple[str, str, str]]:
+        return sorted(
+            ConsentRecord.objects.filter(**filters)
+            .exclude(source="signup-form")
+            .values_list("purpose", "action", "source")
+        )
+
+    def save_preferences(self, *, topics: list[str], leave_all: bool = False) -> None:
+        data: dict[str, object] = {"shown": ["newsletter", "product-updates"], "topics": topics}
+        if leave_all:
+            data["leave_all"] = "on"
+        self.assertEqual(self.client.post(preferences_path(self.token), data).status_code, 303)
+
+    def test_one_click_records_the_withdrawal_with_the_client_ip_and_user_agent(self) -> None:
+        response = self.client.post(unsubscribe_path(self.token), ONE_CLICK, content_type=FORM)
+
+        self.assertEqual(response.status_code, 200)
+        state = self.state("newsletter")
+        assert state is not None
+        self.assertEqual(
+            (state.action, state.source, state.ip_address, state.user_agent),
+            ("withdrawn", "recipient:one-click", self.ip, self.USER_AGENT),
+        )
+        self.assertEqual(state.evidence, {"topic": "newsletter", "message_id": 42})
+        self.assertEqual(state.email_hash, email_hash("ada@example.com"))
+        # Only the topic the link names.
+        self.assertEqual(self.rows(), [("newsletter", "withdrawn", "recipient:one-click")])
+        self.assertEqual(self.state("product-updates").action, "granted")  # type: ignore[union-attr]
+
+    def test_a_repeated_one_click_records_one_withdrawal(self) -> None:
+        for _ in range(2):
+            self.client.post(unsubscribe_path(self.token), ONE_CLICK, content_type=FORM)
+
+        self.assertEqual(self.rows(), [("newsletter", "withdrawn", "recipient:one-click")])
+
+    def test_the_confirmation_button_records_a_withdrawal_from_the_link(self) -> None:
+        self.client.post(unsubscribe_path(self.token), {"scope": "topic"})
+
+        self.assertEqual(self.rows(), [("newsletter", "withdrawn", "recipient:unsubscribe-link")])
+
+    def test_unsubscribing_from_all_withdraws_every_purpose_the_contact_had_granted(self) -> None:
+        consent_grant(contact=self.contact, purpose="partner-offers", source="signup-form")
+        consent_grant(contact=self.contact, purpose="webinars", source="signup-form")
+        consent_withdraw(contact=self.contact, purpose="webinars", source="identify")
+
+        self.client.post(unsubscribe_path(self.token), {"scope": "all"})
+
+        self.assertEqual(
+            self.rows(source="recipient:unsubscribe-link"),
+            [
+                ("newsletter", "withdrawn", "recipient:unsubscribe-link"),
+                ("partner-offers", "withdrawn", "recipient:unsubscribe-link"),
+                ("product-updates", "withdrawn", "recipient:unsubscribe-link"),
+            ],
+        )
+        self.assertEqual(self.state("webinars").source, "identify")  # type: ignore[union-attr]
+        self.assertEqual(self.state("newsletter").evidence, {"all_marketing": True, "message_id": 42})  # type: ignore[union-attr]
+
+    def test_getting_the_unsubscribe_link_records_nothing(self) -> None:
+        before = ConsentRecord.objects.count()
+
+        self.assertEqual(self.client.get(unsubscribe_path(self.token)).status_code, 200)
+        self.assertEqual(self.client.head(unsubscribe_path(self.token)).status_code, 200)
+
+        self.assertEqual(ConsentRecord.objects.count(), before)
+        self.assertEqual(self.state("newsletter").action, "granted")  # type: ignore[union-attr]
+
+    def test_every_contact_with_the_address_is_recorded_but_never_an_erased_one(self) -> None:
+        other = factories.contact(email="ada@example.com")
+        erased = factories.contact(email="ada@example.com")
+        Contact.objects.filter(pk=erased.pk).update(erased_at=timezone.now())
+        someone_else = factories.contact(email="bob@example.com")
+
+        self.client.post(unsubscribe_path(self.token), ONE_CLICK, content_type=FORM)
+
+        self.assertEqual(self.state("newsletter").action, "withdrawn")  # type: ignore[union-attr]
+        self.assertEqual(self.state("newsletter", other).action, "withdrawn")  # type: ignore[union-attr]
+        self.assertFalse(ConsentRecord.objects.filter(contact__in=[erased, someone_else]).exists())
+
+    @with_options(GDPR=False, CCPA=False, CONSENT_CHECK=False)
+    def test_a_contact_with_no_consent_history_still_gets_the_withdrawal_recorded(self) -> None:
+        bob = factories.contact(email="bob@example.com")
+        token = link_token(email="bob@example.com", topic="newsletter", message_id=None)
+
+        self.client.post(unsubscribe_path(token), ONE_CLICK, content_type=FORM)
+
+        state = self.state("newsletter", bob)
+        assert state is not None
+        self.assertEqual((state.action, state.source), ("withdrawn", "recipient:one-click"))
+        self.assertEqual(state.evidence, {"topic": "newsletter"})
+
+    def test_a_client_address_that_is_not_an_ip_still_unsubscribes(self) -> None:
+        client = Client(REMOTE_ADDR="unix:/run/granian.sock")
+
+        self.assertEqual(
+            client.post(unsubscribe_path(self.token), ONE_CLICK, content_type=FORM).status_code, 200
+        )
+
+        state = self.state("newsletter")
+        assert state is not None
+        self.assertEqual((state.action, state.ip_address, state.user_agent), ("withdrawn", None, ""))
+        self.assertEqual(len(self.suppressions()), 1)
+
+    @with_options(GDPR=True, CONSENT_CHECK=False)
+    def test_unticking_a_topic_withdraws_and_ticking_it_again_grants_so_mail_flows_again(self) -> None:
+        self.save_preferences(topics=["newsletter"])
+
+        state = self.state("product-updates")
+        assert state is not None
+        self.assertEqual(
+            (state.action, state.source, state.ip_address, state.user_agent),
+            ("withdrawn", "recipient:preferences", self.ip, self.USER_AGENT),
+        )
+        self.assertEqual(self.state("newsletter").action, "granted")  # type: ignore[union-attr]
+        self.assertFalse(self.decide("product-updates").allowed)
+
+        self.save_preferences(topics=["newsletter", "product-updates"])
+
+        state = self.state("product-updates")
+        assert state is not None
+        self.assertEqual(
+            (state.action, state.source, state.ip_address, state.user_agent, state.notice),
+            ("granted", "recipient:preferences", self.ip, self.USER_AGENT, None),
+        )
+        self.assertEqual(state.evidence, {"topic": "product-updates", "label": "Product updates"})
+        self.assertEqual(
+            self.rows(),
+            [
+                ("product-updates", "granted", "recipient:preferences"),
+                ("product-updates", "withdrawn", "recipient:preferences"),
+            ],
+        )
+        # A later message for that purpose: the consent decision (GDPR, region "de") and
+        # the suppression list both let it through.
+        self.assertEqual(self.decide("product-updates"), SendDecision(allowed=True))
+
+    def test_saving_unchanged_preferences_records_nothing(self) -> None:
+        self.save_preferences(topics=["newsletter", "product-updates"])
+        self.save_preferences(topics=["newsletter"])
+        self.save_preferences(topics=["newsletter"])
+
+        self.assertEqual(self.rows(), [("product-updates", "withdrawn", "recipient:preferences")])
+
+    def test_a_topic_left_ticked_as_shown_is_not_a_grant(self) -> None:
+        # Never granted, shown ticked (nothing suppresses it): the recipient saving the
+        # page has not consented to it (a pre-ticked box, CJEU C-673/17 Planet49).
+        bob = factories.contact(email="bob@example.com")
+        token = link_token(email="bob@example.com", topic="newsletter", message_id=None)
+        data = {"shown": ["newsletter", "product-updates"], "topics": ["newsletter", "product-updates"]}
+
+        self.client.post(preferences_path(token), {**data, "leave_all": "on"})
+        self.client.post(preferences_path(token), data)
+
+        self.assertFalse(ConsentRecord.objects.filter(contact=bob).exists())
+
+    def test_re_ticking_a_topic_still_granted_records_no_second_grant(self) -> None:
+        # An unsubscribe recorded before the ledger was kept in step with it.
+        suppression_add(email="ada@example.com", topic="product-updates", reason="unsubscribe", source="test")
+
+        self.save_preferences(topics=["newsletter", "product-updates"])
+
+        self.assertEqual(self.suppressions(), [])
+        self.assertEqual(self.rows(), [])
+
+    def test_leaving_all_withdraws_everything_and_coming_back_grants_what_is_ticked(self) -> None:
+        consent_grant(contact=self.contact, purpose="webinars", source="signup-form")
+
+        self.save_preferences(topics=["newsletter", "product-updates"], leave_all=True)
+
+        self.assertEqual(
+            self.rows(),
+            [
+                ("newsletter", "withdrawn", "recipient:preferences"),
+                ("product-updates", "withdrawn", "recipient:preferences"),
+                ("webinars", "withdrawn", "recipient:preferences"),
+            ],
+        )
+
+        self.save_preferences(topics=["newsletter"])  # "leave all" unticked, one topic less
+
+        self.assertEqual(self.state("newsletter").action, "granted")  # type: ignore[union-attr]
+        self.assertEqual(
+            self.state("newsletter").evidence,  # type: ignore[union-attr]
+            {"topic": "newsletter", "label": "The newsletter", "after_all_marketing": True},
+        )
+        self.assertEqual(self.state("product-updates").action, "withdrawn")  # type: ignore[union-attr]
+        # Not on the page: the recipient did not choose it again.
+        self.assertEqual(self.state("webinars").action, "withdrawn")  # type: ignore[union-attr]
+
+    def test_coming_back_does_not_undo_a_withdrawal_made_another_way(self) -> None:
+        consent_withdraw(contact=self.contact, purpose="product-updates", source="identify")
+        self.save_preferences(topics=["newsletter", "product-updates"], leave_all=True)
+
+        self.save_preferences(topics=["newsletter", "product-updates"])
+
+        self.assertEqual(self.state("newsletter").action, "granted")  # type: ignore[union-attr]
+        self.assertEqual(self.state("product-updates").source, "identify")  # type: ignore[union-attr]
+
+    def test_opting_in_grants_at_once_with_double_opt_in_on(self) -> None:
+        # The page's link was mailed to the address and signed for it: what a
+        # confirmation email would prove.
+        automation = double_opt_in_automation()
+        automation.active = True
+        automation.save(update_fields=["active"])
+        self.save_preferences(topics=["newsletter"])
+
+        self.save_preferences(topics=["newsletter", "product-updates"])
+
+        self.assertEqual(self.state("product-updates").action, "granted")  # type: ignore[union-attr]
+        self.assertFalse(ConsentRecord.objects.filter(action="requested").exists())
+
+    def decide(self, purpose: str) -> SendDecision:
+        self.contact.refresh_from_db()
+        consent = consent_decision(contact=self.contact, purpose=purpose, transactional=False)
+        if not consent.allowed:
+            return consent
+        return send_decision(email=self.contact.email, purpose=purpose, authoritative=True)

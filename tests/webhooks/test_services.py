@@ -16,7 +16,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from campaigns.models import Message
-from suppression.models import Suppression, SuppressionLogEntry
+from suppression.consent import consent_grant, consent_state
+from suppression.models import ConsentRecord, Suppression, SuppressionLogEntry
 from suppression.privacy import contact_erase, is_hashed_suppressed
 from suppression.services import recipient_unsubscribe, suppression_add
 from tests import factories
@@ -356,6 +357,19 @@ class SuppressionTests(WebhookTestCase):
         self.assertEqual(suppression.topic, "")
         message.refresh_from_db()
         self.assertEqual(message.status, Status.UNSUBSCRIBED)
+
+    def test_subscription_change_withdraws_every_granted_purpose_in_the_ledger(self) -> None:
+        message = self.message()
+        consent_grant(contact=message.contact, purpose="newsletter", source="signup-form")
+        consent_grant(contact=message.contact, purpose="offers", source="signup-form")
+        self.assertAccepted(self.post(for_message("subscription_change_unsubscribe", message)))
+        for purpose in ("newsletter", "offers"):
+            state = consent_state(contact=message.contact, purpose=purpose)
+            assert state is not None
+            self.assertEqual(
+                (state.action, state.source), (ConsentRecord.Action.WITHDRAWN, "webhook:postmark")
+            )
+            self.assertEqual(state.evidence, {"all_marketing": True, "message_id": message.pk})
 
     def test_subscription_change_for_a_hard_bounce_suppresses_as_hard_bounce(self) -> None:
         # Postmark's SubscriptionChange with SuppressionReason "HardBounce": Anymail
