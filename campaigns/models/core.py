@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
-from django.db.models.functions import Lower
+from django.db.models.functions import Cast, Lower, Upper
 from django.utils import timezone
 
 EVENT_TYPE_NAME = RegexValidator(
@@ -37,6 +37,12 @@ class Contact(models.Model):
 
     class Meta:
         ordering = ["-id"]
+        indexes = [
+            # For email__iexact, which Django writes as UPPER("email"::text) = UPPER(%s):
+            # the unsubscribe and preference paths find every contact with an address
+            # however identify() spelled it (suppression.services).
+            models.Index(Upper(Cast("email", output_field=models.TextField())), name="contact_email_iexact"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.user_id} <{self.email}>"

@@ -117,3 +117,18 @@ class HotTableIndexTests(TestCase):
                 [["campaigns_outboxevent", "campaigns_message", "webhooks_trackingevent"], "%pattern_ops%"],
             )
             self.assertEqual(cursor.fetchall(), [])
+
+
+class ContactEmailLookupTests(TestCase):
+    def test_a_case_insensitive_address_lookup_uses_an_index(self) -> None:
+        """suppression.services finds every contact with an address (email__iexact) on
+        each unsubscribe: with the index it is a probe, not a scan of all contacts."""
+        from campaigns.models import Contact
+
+        for n in range(50):
+            factories.contact(email=f"user{n}@example.com")
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE campaigns_contact")
+            cursor.execute("SET LOCAL enable_seqscan = off")  # a tiny table is scanned anyway
+            plan = Contact.objects.filter(email__iexact="User7@Example.com").explain()
+        self.assertIn("contact_email_iexact", plan)
