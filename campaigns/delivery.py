@@ -372,19 +372,34 @@ def messages_send_batch(*, limit: int | None = None) -> SendBatchResult:
 
     size = batch_sender.max_batch if batch_sender is not None else 1
     chunks = [
-        group[start : start + size]
-        for group in throttle.group_by_provider(outgoing, email=lambda item: item.message.to_email).values()
+        (provider, group[start : start + size])
+        for provider, group in throttle.group_by_provider(
+            outgoing, email=lambda item: item.message.to_email
+        ).items()
         for start in range(0, len(group), size)
     ]
+    waiting: set[str] = set()  # providers whose own limit has no token for now
     connection.open()
     try:
-        for index, chunk in enumerate(chunks):
+        for index, (provider, chunk) in enumerate(chunks):
+            if provider in waiting:
+                continue  # requeued with the chunk that found its limit spent
             try:
                 throttle.acquire_for_batch(
                     recipients=[item.message.to_email for item in chunk], timeout=_acquire_timeout()
                 )
             except throttle.ThrottleError as exc:
-                rest = [item.message for later in chunks[index:] for item in later]
+                # A provider's own limit (e.g. Yahoo at 1/s) holds back only that
+                # provider's mail: the other providers' chunks go on. The ESP's limit
+                # holds back everything left.
+                bucket = str(getattr(exc, "bucket", ""))
+                only_this = "provider:" in bucket
+                rest = [
+                    item.message
+                    for later_provider, later in chunks[index:]
+                    if later_provider not in waiting and (later_provider == provider or not only_this)
+                    for item in later
+                ]
                 wait = max(1.0, float(getattr(exc, "wait", 0) or 5.0))
                 _requeue(
                     rest,
@@ -393,6 +408,9 @@ def messages_send_batch(*, limit: int | None = None) -> SendBatchResult:
                 )
                 result.throttled += len(rest)
                 not_sent += len(rest)
+                if only_this:
+                    waiting.add(provider)
+                    continue
                 break
             handed = _hand_off(chunk, result)
             not_sent += len(chunk) - len(handed)

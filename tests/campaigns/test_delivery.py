@@ -763,3 +763,33 @@ class ResidencyAtSendTimeTests(SandboxTestCase):
         self.assertEqual(message.status, Message.Status.CANCELLED)
         self.assertIn("ALLOWED_REGIONS (ch) does not list 'unknown'", message.status_reason)
         self.assertEqual(self.sandbox.messages(), [])
+
+
+class ProviderLimitTests(SandboxTestCase):
+    """MAILAUTO_PROVIDER_RATE_LIMITS: a provider whose own limit is spent waits alone."""
+
+    def test_a_spent_provider_limit_holds_back_only_that_providers_mail(self) -> None:
+        options = {**settings.MAILAUTO, "PROVIDER_RATE_LIMITS": {"yahoo": 1}, "SEND_LEASE_SECONDS": 10}
+        with override_settings(MAILAUTO=options):
+            for n in range(5):
+                factories.message(self.version, factories.contact(email=f"y{n}@yahoo.com"), self.event)
+            # Five Yahoo recipients at 1/s: sent, leaving Yahoo's bucket ~4 s in debt.
+            self.assertEqual(messages_send_batch().sent, 5)
+            yahoo = [
+                factories.message(self.version, factories.contact(email=f"z{n}@yahoo.com"), self.event)
+                for n in range(2)
+            ]
+            others = [
+                factories.message(self.version, factories.contact(email=f"o{n}@example.com"), self.event)
+                for n in range(3)
+            ]
+            result = messages_send_batch()  # Yahoo's chunk comes first, and must wait
+        self.assertEqual((result.sent, result.throttled), (3, 2))
+        statuses = dict(Message.objects.values_list("to_email", "status"))
+        for message in others:
+            self.assertEqual(statuses[message.to_email], Message.Status.SENT)
+        for message in yahoo:
+            message.refresh_from_db()
+            self.assertEqual(message.status, Message.Status.QUEUED)
+            self.assertIn("provider:yahoo", message.status_reason)
+            self.assertGreater(message.send_after, timezone.now())
