@@ -172,14 +172,23 @@ def warmup_admit(
 ) -> WarmupAdmission[T]:
     """Take today's allowance for a batch: the highest-priority messages (lowest
     Message.priority, then oldest send_after) are admitted; the rest are deferred to the
-    next UTC day with a reason to record on them. No schedule: everything is admitted."""
+    next UTC day with a reason to record on them. No schedule: everything is admitted.
+
+    Transactional mail (a receipt, a password reset) is never held back: it is admitted
+    and takes its share of the day's allowance first, as far as the cap goes, so
+    marketing gets what is left. A warm-up protects the domain's reputation from a jump
+    in bulk volume; a password reset that waits until tomorrow is a broken product.
+    (Past the cap it is not counted: WarmupDay.sent never exceeds the cap.)"""
     if schedule is None or not messages:
         return WarmupAdmission(admitted=list(messages))
     now = now or timezone.now()
     today = utc_today(now)
     ordered = sorted(messages, key=order)
-    granted = warmup_take(schedule=schedule, count=len(ordered), today=today)
-    admission = WarmupAdmission(admitted=ordered[:granted], deferred=ordered[granted:], day=today)
+    urgent = [m for m in ordered if getattr(m, "transactional", False) is True]
+    bulk = [m for m in ordered if getattr(m, "transactional", False) is not True]
+    warmup_take(schedule=schedule, count=len(urgent), today=today)
+    granted = warmup_take(schedule=schedule, count=len(bulk), today=today)
+    admission = WarmupAdmission(admitted=urgent + bulk[:granted], deferred=bulk[granted:], day=today)
     if admission.deferred:
         admission.defer_until = warmup_defer_until(now=now)
         if today < schedule.start_date:

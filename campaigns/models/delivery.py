@@ -13,9 +13,18 @@ from django.utils import timezone
 __all__ = ["WarmupDay", "WarmupSchedule", "default_daily_caps"]
 
 
+# Three weeks: doubling while volumes are small, then +40-50% a day, as mailbox
+# providers (and ESPs' own warm-up guides) want to see volume grow; no cap from day 22.
+DEFAULT_DAILY_CAPS: tuple[int | None, ...] = (
+    *(50, 100, 200, 400, 800, 1_500, 2_500, 4_000, 6_000, 9_000, 13_000),
+    *(18_000, 25_000, 35_000, 50_000, 70_000, 100_000, 140_000, 200_000, 280_000, 400_000),
+    None,
+)
+
+
 def default_daily_caps() -> list[int | None]:
-    """Doubling from 50 a day to 102,400, then no cap (null)."""
-    return [50 * 2**n for n in range(12)] + [None]
+    """DEFAULT_DAILY_CAPS: 50 a day on day 1 to 400,000 on day 21, then no cap (null)."""
+    return list(DEFAULT_DAILY_CAPS)
 
 
 class WarmupSchedule(models.Model):

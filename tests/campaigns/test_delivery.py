@@ -422,6 +422,30 @@ class WarmupAndPriorityTests(SandboxTestCase):
         self.assertEqual(waiting[0].attempts, 0)
         self.assertEqual(len(self.sandbox.messages()), 2)
 
+    def test_transactional_mail_is_never_held_by_the_cap_but_counts_towards_it(self) -> None:
+        from campaigns.models import WarmupDay, WarmupSchedule
+
+        schedule = WarmupSchedule.objects.create(
+            name="mailauto.test", start_date=timezone.now().date(), daily_caps=[1, None]
+        )
+        first = factories.message(self.version, factories.contact(email="m0@example.com"), self.event)
+        self.assertEqual(messages_send_batch().sent, 1)  # today's cap of 1 is used up
+        reset = factories.message(
+            self.version,
+            factories.contact(email="r@example.com"),
+            self.event,
+            priority=10,
+            transactional=True,
+        )
+        later = factories.message(self.version, factories.contact(email="m1@example.com"), self.event)
+        result = messages_send_batch()
+        self.assertEqual((result.sent, result.deferred), (1, 1))
+        for message, status in ((first, "sent"), (reset, "sent"), (later, "queued")):
+            message.refresh_from_db()
+            self.assertEqual(message.status, status)
+        self.assertIn("warm-up cap", later.status_reason)
+        self.assertEqual(WarmupDay.objects.get(schedule=schedule).sent, 1)  # never past the cap
+
     def test_paused_automation_holds_its_queued_messages(self) -> None:
         automation = factories.automation(self.type, self.version, active=False)
         message = self.queued(automation=automation)

@@ -340,10 +340,12 @@ class WarmupScheduleModelTests(TestCase):
         s.full_clean()
         self.assertEqual(s.name, "mail.example.com")
 
-    def test_the_default_curve_doubles_to_unlimited(self) -> None:
+    def test_the_default_curve_climbs_for_three_weeks_then_is_unlimited(self) -> None:
         caps = WarmupSchedule(name="x", start_date=D0).daily_caps
         self.assertEqual(caps[:3], [50, 100, 200])
-        self.assertEqual(caps[-2:], [102400, None])
+        self.assertEqual(len(caps), 22)  # 21 capped days: within the 2-4 weeks asked for
+        self.assertEqual(caps[-2:], [400_000, None])
+        self.assertEqual(caps[:-1], sorted(caps[:-1]))
 
 
 class DeliveryAdminTests(TestCase):
