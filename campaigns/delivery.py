@@ -817,6 +817,28 @@ def _record_failure(message: Message, error: SendError, exc: BaseException) -> s
             )
         return "failed"
     options = _options()
+    if error.rate_limited:
+        # "Slow down" (a 429, or a 5xx with Retry-After) is not a refusal of this message:
+        # waiting it out is not a failed attempt, or a day-long quota would bury every
+        # message after RETRY_MAX_ATTEMPTS tries. The shared rate has been lowered and
+        # every worker paused (_feed_back); the message waits at least Retry-After.
+        delay = retry_delay(
+            attempt=1,
+            base=options["RETRY_BACKOFF_BASE_SECONDS"],
+            cap=options["RETRY_BACKOFF_MAX_SECONDS"],
+            retry_after=error.retry_after,
+        )
+        message.attempts = max(0, message.attempts - 1)
+        _finish(
+            message,
+            status=Message.Status.QUEUED,
+            reason=f"will retry (rate limited, not counted as an attempt): {error.reason}",
+            error=detail,
+            from_status=Message.Status.SENDING,
+            send_after=timezone.now() + timedelta(seconds=delay),
+            attempts=message.attempts,
+        )
+        return "retrying"
     if message.attempts >= options["RETRY_MAX_ATTEMPTS"]:
         _finish(
             message,
@@ -851,6 +873,7 @@ def _finish(
     error: str = "",
     from_status: str | None = None,
     send_after=None,  # type: ignore[no-untyped-def]
+    attempts: int | None = None,
 ) -> None:
     now = timezone.now()
     fields: dict[str, object] = {
@@ -859,6 +882,8 @@ def _finish(
         "locked_until": None,
         "updated_at": now,
     }
+    if attempts is not None:
+        fields["attempts"] = attempts
     if error:
         history = [
             *message.error_history,
@@ -974,8 +999,14 @@ def messages_replay(*, message_ids: list[int]) -> ReplayResult:
         )
         (refused if ambiguous else replayable).append(pk)
     # The same conditions again in the UPDATE: a webhook may have reconciled one since.
+    # A fresh start: its attempts and its claims (a message buried because its worker
+    # died holding it, once replayed, would otherwise be buried again at the next crash).
     replayed = candidates.filter(id__in=replayable).update(
-        status=Message.Status.QUEUED, status_reason="replayed", attempts=0, send_after=timezone.now()
+        status=Message.Status.QUEUED,
+        status_reason="replayed",
+        attempts=0,
+        claims=0,
+        send_after=timezone.now(),
     )
     if refused:
         logger.warning("replay refused", extra={"message_ids": sorted(refused)[:20], "count": len(refused)})

@@ -195,7 +195,7 @@ class SendTests(SandboxTestCase):
         message.refresh_from_db()
         self.assertEqual(message.status, Message.Status.QUEUED)
         self.assertIn("waiting for the send rate limit", message.status_reason)
-        self.assertEqual(message.attempts, 1)  # waiting for a token is not an attempt
+        self.assertEqual(message.attempts, 0)  # neither the 429 nor waiting for a token is an attempt
         self.assertEqual(message.claims, 1)  # nor a claim (only the first, handed off)
 
         # Once the pause is over (forget the bucket's state) it goes out.
@@ -207,8 +207,26 @@ class SendTests(SandboxTestCase):
         messages_send_batch()
         message.refresh_from_db()
         self.assertEqual(message.status, Message.Status.SENT)
-        self.assertEqual(message.attempts, 2)
+        self.assertEqual(message.attempts, 1)  # the 429 was not an attempt
         self.assertEqual(len(self.sandbox.messages()), 1)
+
+    def test_a_long_run_of_429s_never_buries_a_message(self) -> None:
+        """A daily quota answers 429 for hours: every message waits, none goes dead."""
+        import redis
+
+        message = self.queued()
+        self.sandbox.set_faults(fail_429=6, retry_after=1)
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        with override_settings(MAILAUTO={**settings.MAILAUTO, "RETRY_MAX_ATTEMPTS": 2}):
+            for _ in range(7):
+                for key in client.scan_iter("mailauto:throttle:*"):  # the pause is over
+                    client.delete(key)
+                Message.objects.filter(pk=message.pk).update(send_after=timezone.now())
+                messages_send_batch()
+        message.refresh_from_db()
+        self.assertEqual((message.status, message.attempts), (Message.Status.SENT, 1))
+        self.assertEqual(len(self.sandbox.messages()), 1)
+        self.assertEqual([e["status"] for e in message.error_history], [Message.Status.QUEUED] * 6)
 
     def test_server_errors_until_max_attempts_end_dead(self) -> None:
         message = self.queued()
@@ -304,6 +322,17 @@ class LeaseAndReplayTests(SandboxTestCase):
         accepted.refresh_from_db()
         self.assertEqual(dead.status, Message.Status.QUEUED)
         self.assertEqual(accepted.status, Message.Status.DEAD)
+
+    def test_a_replayed_poison_message_starts_afresh(self) -> None:
+        buried = self.queued(
+            status=Message.Status.DEAD,
+            status_reason="its worker stopped while preparing it, every time",
+            claims=20,
+            attempts=3,
+        )
+        self.assertEqual(messages_replay(message_ids=[buried.pk]).replayed, 1)
+        buried.refresh_from_db()
+        self.assertEqual((buried.status, buried.claims, buried.attempts), (Message.Status.QUEUED, 0, 0))
 
     def test_replay_refuses_a_message_whose_lost_answer_was_followed_by_failed_retries(self) -> None:
         """The ESP took the first attempt (the answer was lost), the one resend after the
