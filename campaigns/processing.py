@@ -167,7 +167,9 @@ def events_process_batch(*, limit: int | None = None) -> BatchResult:
                     _write_plans([plan])
                 plans.append(plan)
             except Exception as err:  # one bad event must not stop the batch
-                logger.exception("event processing failed", extra={"event_id": event.event_id})
+                # The outbox row id, not the caller's event_id (which an application may
+                # build from personal data, e.g. "signup-<address>").
+                logger.exception("event processing failed", extra={"outbox_event_id": event.pk})
                 event_fail(event=event, error=f"{type(err).__name__}: {err}")
                 result.failed += 1
     result.processed = len(plans)

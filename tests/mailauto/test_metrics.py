@@ -92,3 +92,53 @@ def test_key_value_formatter_appends_extras() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "event failed", (), None)
     record.event_id = "e-1"
     assert KeyValueFormatter("%(message)s").format(record) == 'event failed event_id="e-1"'
+
+
+class FailureLogTests(SandboxTestCase):
+    """A failure's log lines carry ids and where it happened, never the exception's
+    message: database and validation errors quote the values they refused."""
+
+    def test_a_failing_event_logs_its_row_id_and_a_traceback_without_personal_data(self) -> None:
+        from unittest import mock
+
+        from campaigns import processing
+
+        event = factories.outbox_event(self.type, "u-1", event_id="signup-ada@example.com")
+
+        def boom(**kwargs: object) -> None:
+            detail = "Key (email)=(ada" + "@example.com) already exists"  # as Postgres says it
+            raise ValueError(detail)
+
+        with (
+            mock.patch.object(processing, "event_plan", side_effect=boom),
+            self.assertLogs("campaigns.processing", level="WARNING") as logs,
+        ):
+            processing.events_process_batch()
+        failed = [r for r in logs.records if r.getMessage() == "event processing failed"]
+        self.assertIn(event.pk, [r.outbox_event_id for r in failed])  # type: ignore[attr-defined]
+        for record in logs.records:
+            for formatted in (
+                KeyValueFormatter("%(message)s").format(record),
+                JsonFormatter().format(record),
+            ):
+                self.assertNotIn("@", formatted)
+                self.assertIn("ValueError (message not logged", formatted)
+                self.assertIn("in boom", formatted)  # where it happened is still there
+        event.refresh_from_db()
+        self.assertIn("ada@example.com", event.last_error)  # the admin still shows the message
+
+
+def test_a_chained_exception_shows_every_type_and_no_message() -> None:
+    address = "ada" + "@example.com"  # not on the lines the traceback quotes
+    try:
+        try:
+            raise KeyError(address)
+        except KeyError as inner:
+            raise RuntimeError(f"for {address}") from inner
+    except RuntimeError:
+        import sys
+
+        text = JsonFormatter().formatException(sys.exc_info())
+    assert "@" not in text
+    assert "builtins.KeyError" in text and "builtins.RuntimeError" in text
+    assert text.index("KeyError") < text.index("RuntimeError")
