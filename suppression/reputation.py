@@ -2,33 +2,52 @@
 and broadcasts), and the automatic pause of a source whose rates would hurt the
 sender's reputation.
 
-A rate is bounced (or complained) messages over messages handed to the ESP (statuses
-sent, delivered, opened, clicked, bounced, complained, unsubscribed), by the time they
-were handed over (sent_at). Message.status is a message's latest state, so a complaint
-shows as "complained" unless something later overwrote it; the TrackingEvent store will
-allow exact counts once it lands.
+A rate is measured the way Gmail's Postmaster Tools measures a spam rate: complaints
+reported in a period over the mail delivered in that period. Over the trailing window
+(REPUTATION_WINDOW_HOURS), and per UTC day in the report:
+
+- complaints: distinct messages of the source with a "complained" TrackingEvent whose
+  occurred_at is in the window, however long ago the message itself was sent;
+- bounces: likewise with a bounce event, i.e. every event type that makes a message
+  "bounced" (webhooks.services.STATUS_FOR_EVENT: bounced, soft or hard, and the ESP's
+  own rejected/failed);
+- the denominator: messages of the source handed to the ESP in the window (by sent_at;
+  statuses sent, delivered, opened, clicked, bounced, complained, unsubscribed). We
+  cannot see inbox placement, and not every ESP reports deliveries, so mail handed over
+  stands in for Gmail's "delivered to the inbox"; it includes mail that bounced.
+
+Counting complaints by when the mail was sent would miss both ends: complaints on mail
+sent before the window never count, and the newest mail has not drawn its complaints
+yet, so a steady source would always look better than it is. Counting from the events
+also sees a message that both bounced and drew a complaint as both (Message.status keeps
+only the highest state). For a source sending at a steady rate, complaints today over
+mail sent today is its true complaint rate.
 
 Gmail's sender guidelines ask bulk senders to keep the spam rate reported in Postmaster
 Tools below 0.10% and never to reach 0.30%; REPUTATION_COMPLAINT_RATE defaults to that
-0.30% limit. A source is paused when a rate over the trailing window
-(REPUTATION_WINDOW_HOURS) reaches its limit and it handed at least
-REPUTATION_MIN_VOLUME messages to the ESP in that window: below that volume one
-complaint would swing the rate, and it would pause small automations at random.
+0.30% limit. A source is paused when a rate over the window reaches its limit and it
+handed at least REPUTATION_MIN_VOLUME messages to the ESP in that window: below that
+volume one complaint would swing the rate, and it would pause small automations at
+random.
 
-A source a person resumed is judged on the mail it handed over since the resume: the
-window still holds the bounces or complaints that paused it, and counting them again
-would pause it again at once, before the fix could show. Broadcasts and automations
-record resumed_at when a person resumes or switches them on.
+A source a person resumed is judged on the mail it handed over since the resume (both
+the messages counted and the messages whose bounces and complaints count): the window
+still holds the bounces or complaints that paused it, and mail sent before the pause
+keeps drawing them for a day or two; counting them again would pause it again at once,
+before the fix could show. Broadcasts and automations record resumed_at when a person
+resumes or switches them on.
 
 Each kind of source is one ReputationSource (its Message foreign key, its name field
-and a conditional pause); broadcasts pause from sending to paused, with the reason.
+and a conditional pause); broadcasts pause from sending to paused, with the reason. Its
+figures take two queries whatever the number of sources: messages handed over, and
+bounce and complaint events, each grouped by source (and day).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 
 from django.conf import settings
@@ -38,6 +57,8 @@ from django.utils import timezone
 
 from campaigns.broadcasts import broadcast_pause_if_sending
 from campaigns.models import Automation, Broadcast, Message
+from webhooks.models import TrackingEvent
+from webhooks.services import STATUS_FOR_EVENT
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +71,12 @@ HANDED_TO_ESP = (
     Message.Status.COMPLAINED,
     Message.Status.UNSUBSCRIBED,
 )
+# The events that count against a source: those that make a message "bounced" or
+# "complained" on its status timeline. The partial index tracking_event_reputation
+# (occurred_at, on these event types only) must cover them, or every check reads the
+# whole event table.
+BOUNCE_EVENTS = tuple(t for t, status in STATUS_FOR_EVENT.items() if status == Message.Status.BOUNCED)
+COMPLAINT_EVENTS = tuple(t for t, status in STATUS_FOR_EVENT.items() if status == Message.Status.COMPLAINED)
 GMAIL_COMPLAINT_LIMIT = 0.003
 
 
@@ -133,42 +160,68 @@ def source_figures(
     by_day: bool = False,
     since_resume: bool = False,
 ) -> list[ReputationFigures]:
-    """Figures per source (and per UTC day when by_day) for messages handed over in
-    [since, until); with since_resume, in [max(since, the source's resumed_at), until)."""
-    messages = Message.objects.filter(
-        status__in=HANDED_TO_ESP,
-        sent_at__gte=since,
-        sent_at__lt=until,
-        **{f"{source.group_field}__isnull": False},
+    """Figures per source (and per UTC day when by_day) in [since, until): messages
+    handed over in it, and messages with a bounce or complaint event that occurred in
+    it. With since_resume, only messages handed over since the source's resumed_at.
+
+    A source with bounces or complaints but no mail handed over in the period (the tail
+    of a broadcast sent the day before) has a row with handed_over 0."""
+    group, name = source.group_field, source.name_field
+    handed = Message.objects.filter(
+        status__in=HANDED_TO_ESP, sent_at__gte=since, sent_at__lt=until, **{f"{group}__isnull": False}
+    )
+    events = TrackingEvent.objects.filter(
+        event_type__in=BOUNCE_EVENTS + COMPLAINT_EVENTS,
+        occurred_at__gte=since,
+        occurred_at__lt=until,
+        **{f"message__{group}__isnull": False},
     )
     if since_resume and source.resumed_field:
         resumed = source.resumed_field
-        messages = messages.filter(Q(**{f"{resumed}__isnull": True}) | Q(sent_at__gte=F(resumed)))
-    keys = [source.group_field, source.name_field]
-    if by_day:
-        messages = messages.annotate(day=TruncDate("sent_at"))
-        keys.append("day")
-    rows = (
-        messages.values(*keys)
-        .annotate(
-            handed_over=Count("id"),
-            bounced=Count("id", filter=Q(status=Message.Status.BOUNCED)),
-            complained=Count("id", filter=Q(status=Message.Status.COMPLAINED)),
+        handed = handed.filter(Q(**{f"{resumed}__isnull": True}) | Q(sent_at__gte=F(resumed)))
+        events = events.filter(
+            Q(**{f"message__{resumed}__isnull": True}) | Q(message__sent_at__gte=F(f"message__{resumed}"))
         )
-        .order_by(*reversed(keys))
-    )
-    return [
-        ReputationFigures(
+    handed_keys, event_keys = [group, name], [f"message__{group}", f"message__{name}"]
+    if by_day:
+        handed = handed.annotate(day=TruncDate("sent_at"))
+        events = events.annotate(day=TruncDate("occurred_at"))
+        handed_keys.append("day")
+        event_keys.append("day")
+
+    figures: dict[tuple[int, date | None], ReputationFigures] = {}
+    for row in handed.values(*handed_keys).annotate(handed_over=Count("id")).order_by():
+        figures[(row[group], row.get("day"))] = ReputationFigures(
             kind=source.kind,
-            source_id=row[source.group_field],
-            name=row[source.name_field],
+            source_id=row[group],
+            name=row[name],
             handed_over=row["handed_over"],
-            bounced=row["bounced"],
-            complained=row["complained"],
+            bounced=0,
+            complained=0,
             day=row.get("day"),
         )
-        for row in rows
-    ]
+    # Distinct messages: a message the ESP reports twice (two event ids) counts once.
+    event_counts = (
+        events.values(*event_keys)
+        .annotate(
+            bounced=Count("message_id", distinct=True, filter=Q(event_type__in=BOUNCE_EVENTS)),
+            complained=Count("message_id", distinct=True, filter=Q(event_type__in=COMPLAINT_EVENTS)),
+        )
+        .order_by()
+    )
+    for row in event_counts:
+        source_id, day = row[f"message__{group}"], row.get("day")
+        known = figures.get((source_id, day)) or ReputationFigures(
+            kind=source.kind,
+            source_id=source_id,
+            name=row[f"message__{name}"],
+            handed_over=0,
+            bounced=0,
+            complained=0,
+            day=day,
+        )
+        figures[(source_id, day)] = replace(known, bounced=row["bounced"], complained=row["complained"])
+    return sorted(figures.values(), key=lambda f: (f.day or date.min, f.name, f.source_id))
 
 
 def reputation_report(*, days: int = 7, now: datetime | None = None) -> list[ReputationFigures]:

@@ -83,6 +83,13 @@ class TrackingEvent(models.Model):
                 name="tracking_event_soft_bounces",
                 condition=Q(bounce_kind="soft"),
             ),
+            # The reputation guard's bounces and complaints in a window
+            # (suppression/reputation.py): a small share of all events.
+            models.Index(
+                fields=["occurred_at"],
+                name="tracking_event_reputation",
+                condition=Q(event_type__in=["bounced", "rejected", "failed", "complained"]),
+            ),
         ]
 
     def __str__(self) -> str:

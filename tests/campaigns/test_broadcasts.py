@@ -44,6 +44,7 @@ from suppression.models import Suppression
 from suppression.services import suppression_add
 from tests import factories
 from tests.conftest import sandbox_anymail_settings
+from webhooks.models import TrackingEvent
 
 NOW = datetime(2025, 6, 2, 9, 0, tzinfo=UTC)
 PRO = {"field": "contact.plan", "op": "eq", "value": "pro"}
@@ -821,6 +822,14 @@ class BroadcastAdminTests(BroadcastTestCase):
         broadcasts_sweep()
         sent = Message.objects.filter(broadcast=broadcast)
         sent.filter(contact=self.ada).update(status=Message.Status.COMPLAINED, sent_at=timezone.now())
+        # The guard counts the complaint the ESP reported, not the status it left.
+        TrackingEvent.objects.create(
+            esp="postmark",
+            esp_event_id="complaint-ada",
+            event_type=TrackingEvent.EventType.COMPLAINED,
+            message=sent.get(contact=self.ada),
+            occurred_at=timezone.now(),
+        )
         sent.filter(contact=self.cy).update(status=Message.Status.DELIVERED, sent_at=timezone.now())
         Broadcast.objects.filter(pk=broadcast.pk).update(stats_updated_at=None)
         broadcasts_sweep()

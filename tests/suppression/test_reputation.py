@@ -4,20 +4,64 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 from datetime import UTC, date, datetime, timedelta
 
 import time_machine
 from django.conf import settings
 from django.core.management import call_command
+from django.db import connection
 from django.test import TestCase, override_settings
 
 from campaigns.models import Automation, Message, TemplateVersion
 from suppression import compliance_tasks
-from suppression.reputation import SOURCES, reputation_check, reputation_report, source_figures
+from suppression.reputation import (
+    BOUNCE_EVENTS,
+    COMPLAINT_EVENTS,
+    SOURCES,
+    reputation_check,
+    reputation_report,
+    source_figures,
+)
 from tests import factories
+from tests.webhooks.postmark import URL as POSTMARK_TRACKING_URL
+from tests.webhooks.postmark import basic_auth, for_message, iso
+from webhooks.models import TrackingEvent
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
 _keys = itertools.count(1)
+EventType = TrackingEvent.EventType
+# How long after the send the ESP reports a bounce or complaint, unless a test says.
+REPORTED_AFTER = timedelta(minutes=1)
+# The event that put a message in each of these statuses.
+EVENT_FOR_STATUS = {
+    Message.Status.BOUNCED: EventType.BOUNCED,
+    Message.Status.COMPLAINED: EventType.COMPLAINED,
+}
+
+
+def report(messages: list[Message], event_type: str, at: datetime | None = None) -> None:
+    """The ESP reports `event_type` for each message, at `at` (default: REPORTED_AFTER
+    its send), as the webhook would store it."""
+    TrackingEvent.objects.bulk_create(
+        TrackingEvent(
+            esp="postmark",
+            esp_event_id=f"rep-{next(_keys)}",
+            event_type=event_type,
+            bounce_kind=TrackingEvent.BounceKind.HARD if event_type == EventType.BOUNCED else "",
+            message=message,
+            recipient=message.to_email,
+            occurred_at=at or message.sent_at + REPORTED_AFTER,
+            received_at=at or message.sent_at + REPORTED_AFTER,
+        )
+        for message in messages
+    )
+
+
+def report_by_status(messages: list[Message], at: datetime | None = None) -> None:
+    """The bounce or complaint event behind each bounced or complained message."""
+    if messages and messages[0].status in EVENT_FOR_STATUS:
+        report(messages, EVENT_FOR_STATUS[messages[0].status], at)
 
 
 def limits(**options: object) -> override_settings:
@@ -48,15 +92,17 @@ class ReputationTestCase(TestCase):
         count: int,
         status: str = Message.Status.DELIVERED,
         ago: timedelta | None = timedelta(hours=1),
-    ) -> None:
+        reported_at: datetime | None = None,
+    ) -> list[Message]:
         """`count` messages of `automation` in `status`, handed over `ago` before NOW
-        (None: never handed over)."""
+        (None: never handed over). Bounced or complained ones come with the event that
+        reported it, at `reported_at` (default: REPORTED_AFTER the send)."""
         version = (
             TemplateVersion.objects.filter(template=automation.template).first()
             if automation
             else self.version
         )
-        Message.objects.bulk_create(
+        messages = Message.objects.bulk_create(
             Message(
                 idempotency_key=f"rep-{next(_keys)}",
                 automation=automation,
@@ -68,6 +114,8 @@ class ReputationTestCase(TestCase):
             )
             for n in range(count)
         )
+        report_by_status(messages, reported_at)
+        return messages
 
 
 class RateTests(ReputationTestCase):
@@ -101,6 +149,64 @@ class RateTests(ReputationTestCase):
         }
         self.assertEqual(figures, {"Welcome": 10, "Digest": 0})
 
+    def test_a_message_that_bounced_and_drew_a_complaint_counts_as_both(self) -> None:
+        # Its status shows only the complaint (the highest state); the events show both.
+        self.send(self.welcome, 98)
+        both = self.send(self.welcome, 2, Message.Status.COMPLAINED)
+        report(both, EventType.BOUNCED)
+        # A complaint the ESP reports again under another event id is one complaint.
+        report(both, EventType.COMPLAINED, at=NOW - timedelta(minutes=5))
+
+        (figures,) = source_figures(source=SOURCES[0], since=NOW - timedelta(hours=24), until=NOW)
+
+        self.assertEqual((figures.handed_over, figures.bounced, figures.complained), (100, 2, 2))
+
+    def test_every_event_that_makes_a_message_bounced_counts_as_a_bounce(self) -> None:
+        # As Message.status counts them: bounces (soft ones too) and the ESP's own
+        # rejections and failures. Deferrals and other events count for nothing.
+        self.send(self.welcome, 94)
+        for event_type in (
+            EventType.BOUNCED,
+            EventType.REJECTED,
+            EventType.FAILED,
+            EventType.DEFERRED,
+            EventType.UNSUBSCRIBED,
+            EventType.OPENED,
+        ):
+            report(self.send(self.welcome, 1), event_type)
+        TrackingEvent.objects.filter(event_type=EventType.BOUNCED).update(
+            bounce_kind=TrackingEvent.BounceKind.SOFT
+        )
+
+        (figures,) = source_figures(source=SOURCES[0], since=NOW - timedelta(hours=24), until=NOW)
+
+        self.assertEqual((figures.handed_over, figures.bounced, figures.complained), (100, 3, 0))
+
+    def test_figures_take_two_queries_per_kind_of_source(self) -> None:
+        for n in range(5):
+            automation = factories.automation(self.trigger, self.version, name=f"Drip {n}")
+            self.send(automation, 10)
+            self.send(automation, 1, Message.Status.COMPLAINED, ago=timedelta(hours=30))
+            self.send(automation, 1, Message.Status.BOUNCED)
+
+        with self.assertNumQueries(2):
+            figures = source_figures(source=SOURCES[0], since=NOW - timedelta(hours=24), until=NOW)
+        self.assertEqual(len(figures), 5)
+        with self.assertNumQueries(2 * len(SOURCES)):
+            reputation_report(days=7)
+        with self.assertNumQueries(2 * len(SOURCES)), limits():
+            self.assertEqual(reputation_check(), [])  # 11 messages each: below the volume
+
+    def test_the_events_counted_are_those_the_partial_index_covers(self) -> None:
+        # Without the index the check reads every tracking event ever stored, every five
+        # minutes; the planner uses a partial index only if its condition covers the
+        # query's event types.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'tracking_event_reputation'")
+            (definition,) = cursor.fetchone()
+        for event_type in BOUNCE_EVENTS + COMPLAINT_EVENTS:
+            self.assertIn(f"'{event_type}'", definition)
+
     def test_report_gives_figures_per_day_and_automation(self) -> None:
         self.send(self.welcome, 100, ago=timedelta(hours=1))
         self.send(self.welcome, 4, Message.Status.BOUNCED, ago=timedelta(hours=2))
@@ -118,6 +224,46 @@ class RateTests(ReputationTestCase):
                 (date(2025, 3, 9), "Welcome", 51, 0, 1),
                 (date(2025, 3, 8), "Digest", 10, 0, 0),
             ],
+        )
+
+    def test_the_report_counts_complaints_on_the_day_they_occur(self) -> None:
+        self.send(self.welcome, 100, ago=timedelta(days=1))  # 9 March, noon
+        # Sent on 8 March, the complaints came on 9 March.
+        self.send(
+            self.welcome,
+            2,
+            Message.Status.COMPLAINED,
+            ago=timedelta(days=2),
+            reported_at=NOW - timedelta(hours=23),
+        )
+        # Mail from before the report draws a complaint today: a row with nothing sent.
+        self.send(
+            self.digest,
+            1,
+            Message.Status.COMPLAINED,
+            ago=timedelta(days=9),
+            reported_at=NOW - timedelta(minutes=1),
+        )
+
+        rows = [(f.day, f.name, f.handed_over, f.bounced, f.complained) for f in reputation_report(days=7)]
+
+        self.assertEqual(
+            rows,
+            [
+                (date(2025, 3, 10), "Digest", 0, 0, 1),
+                (date(2025, 3, 9), "Welcome", 100, 0, 2),
+                (date(2025, 3, 8), "Welcome", 2, 0, 0),
+            ],
+        )
+        out = io.StringIO()
+        with limits():
+            call_command("reputation_check", "--report", stdout=out)
+        lines = out.getvalue().splitlines()
+        self.assertIn(
+            "2025-03-10  a:Digest                               0       0       -        1       -", lines
+        )
+        self.assertIn(
+            "2025-03-09  a:Welcome                            100       0   0.00%        2   2.00%", lines
         )
 
 
@@ -209,11 +355,83 @@ class PauseTests(ReputationTestCase):
             "complaint rate 5.00% over the last 24 h exceeds 1.00%; bounce rate 5.00% over the last 24 h reaches 5.00%",
         )
 
-    def test_old_complaints_outside_the_window_do_not_pause(self) -> None:
+    def test_complaints_arriving_now_on_mail_sent_30_hours_ago_pause(self) -> None:
+        # A steady automation: yesterday's mail draws its complaints today, and they
+        # are today's complaints, as in Gmail's Postmaster Tools.
+        self.send(self.welcome, 1000)
+        self.send(
+            self.welcome,
+            5,
+            Message.Status.COMPLAINED,
+            ago=timedelta(hours=30),
+            reported_at=NOW - timedelta(hours=1),
+        )
+        with limits():
+            (paused,) = reputation_check()
+        self.assertEqual((paused.figures.handed_over, paused.figures.complained), (1000, 5))
+        self.assertEqual(
+            paused.reason, "complaint rate 0.50% over the last 24 h exceeds 0.30% (Gmail's limit)"
+        )
+        self.welcome.refresh_from_db()
+        self.assertFalse(self.welcome.active)
+
+    def test_complaints_that_occurred_30_hours_ago_do_not_count(self) -> None:
         self.send(self.welcome, 200)
-        self.send(self.welcome, 50, Message.Status.COMPLAINED, ago=timedelta(hours=24, seconds=1))
+        self.send(
+            self.welcome,
+            50,
+            Message.Status.COMPLAINED,
+            ago=timedelta(hours=31),
+            reported_at=NOW - timedelta(hours=30),
+        )
+        # Just outside the window, too.
+        self.send(
+            self.welcome,
+            50,
+            Message.Status.BOUNCED,
+            ago=timedelta(hours=25),
+            reported_at=NOW - timedelta(hours=24, seconds=1),
+        )
         with limits():
             self.assertEqual(reputation_check(), [])
+        (figures,) = source_figures(source=SOURCES[0], since=NOW - timedelta(hours=24), until=NOW)
+        self.assertEqual((figures.handed_over, figures.bounced, figures.complained), (200, 0, 0))
+
+    def test_a_complaint_postmark_posts_today_about_mail_sent_yesterday_counts(self) -> None:
+        self.send(self.welcome, 999)
+        (yesterdays,) = self.send(self.welcome, 1, ago=timedelta(hours=30))
+        body = for_message("spam_complaint", yesterdays, BouncedAt=iso(NOW - timedelta(minutes=10)))
+
+        response = self.client.post(
+            POSTMARK_TRACKING_URL,
+            data=json.dumps(body),
+            content_type="application/json",
+            headers={"Authorization": basic_auth(settings.ANYMAIL["WEBHOOK_SECRET"])},
+        )
+
+        self.assertEqual(response.status_code, 200, response.content)
+        with limits(REPUTATION_COMPLAINT_RATE=0.001):
+            (paused,) = reputation_check()
+        self.assertEqual((paused.figures.handed_over, paused.figures.complained), (999, 1))
+        self.assertEqual(paused.reason, "complaint rate 0.10% over the last 24 h exceeds 0.10%")
+
+    def test_complaints_after_a_resume_on_mail_sent_before_it_do_not_pause_again(self) -> None:
+        from campaigns.services import automation_set_active
+
+        self.send(self.welcome, 95)
+        self.send(self.welcome, 5, Message.Status.COMPLAINED)
+        with limits():
+            self.assertEqual(len(reputation_check()), 1)
+        automation_set_active(automation=self.welcome, active=True)
+
+        # The mail sent before the pause keeps drawing complaints for a while; the mail
+        # sent since the resume draws none.
+        self.send(self.welcome, 20, Message.Status.COMPLAINED, reported_at=NOW + timedelta(minutes=30))
+        self.send(self.welcome, 100, ago=-timedelta(minutes=10))
+        with limits():
+            self.assertEqual(reputation_check(now=NOW + timedelta(hours=1)), [])
+        self.welcome.refresh_from_db()
+        self.assertTrue(self.welcome.active)
 
     def test_a_paused_automation_is_not_paused_again(self) -> None:
         self.send(self.welcome, 90)
@@ -270,9 +488,9 @@ class BroadcastPauseTests(ReputationTestCase):
         status: str = Message.Status.DELIVERED,
         sent_at_override: datetime | None = None,
         **kw: object,
-    ) -> None:
+    ) -> list[Message]:
         first = next(_keys)
-        Message.objects.bulk_create(
+        messages = Message.objects.bulk_create(
             Message(
                 idempotency_key=f"rep-{first}-{n}",
                 broadcast=self.june,
@@ -287,6 +505,8 @@ class BroadcastPauseTests(ReputationTestCase):
             )
             for n in range(count)
         )
+        report_by_status(messages)
+        return messages
 
     def test_a_broadcast_over_the_complaint_limit_is_paused_and_says_why(self) -> None:
         from campaigns.delivery import claimable_messages_q
