@@ -817,29 +817,12 @@ def _record_failure(message: Message, error: SendError, exc: BaseException) -> s
             )
         return "failed"
     options = _options()
-    if error.rate_limited:
-        # "Slow down" (a 429, or a 5xx with Retry-After) is not a refusal of this message:
-        # waiting it out is not a failed attempt, or a day-long quota would bury every
-        # message after RETRY_MAX_ATTEMPTS tries. The shared rate has been lowered and
-        # every worker paused (_feed_back); the message waits at least Retry-After.
-        delay = retry_delay(
-            attempt=1,
-            base=options["RETRY_BACKOFF_BASE_SECONDS"],
-            cap=options["RETRY_BACKOFF_MAX_SECONDS"],
-            retry_after=error.retry_after,
-        )
-        message.attempts = max(0, message.attempts - 1)
-        _finish(
-            message,
-            status=Message.Status.QUEUED,
-            reason=f"will retry (rate limited, not counted as an attempt): {error.reason}",
-            error=detail,
-            from_status=Message.Status.SENDING,
-            send_after=timezone.now() + timedelta(seconds=delay),
-            attempts=message.attempts,
-        )
-        return "retrying"
-    if message.attempts >= options["RETRY_MAX_ATTEMPTS"]:
+    # "Slow down" (a 429, or a 5xx with Retry-After) is not a refusal of this message:
+    # waiting it out is not a failed attempt, or a day-long quota would bury every
+    # message after RETRY_MAX_ATTEMPTS tries. The shared rate has been lowered and every
+    # worker paused (_feed_back); the message waits at least Retry-After.
+    counted = not error.rate_limited
+    if counted and message.attempts >= options["RETRY_MAX_ATTEMPTS"]:
         _finish(
             message,
             status=Message.Status.DEAD,
@@ -849,18 +832,21 @@ def _record_failure(message: Message, error: SendError, exc: BaseException) -> s
         )
         return "dead"
     delay = retry_delay(
-        attempt=message.attempts,
+        attempt=message.attempts if counted else 1,
         base=options["RETRY_BACKOFF_BASE_SECONDS"],
         cap=options["RETRY_BACKOFF_MAX_SECONDS"],
         retry_after=error.retry_after,
     )
+    if not counted:
+        message.attempts = max(0, message.attempts - 1)
     _finish(
         message,
         status=Message.Status.QUEUED,
-        reason=f"will retry: {error.reason}",
+        reason=f"will retry{'' if counted else ' (rate limited, not counted as an attempt)'}: {error.reason}",
         error=detail,
         from_status=Message.Status.SENDING,
         send_after=timezone.now() + timedelta(seconds=delay),
+        attempts=None if counted else message.attempts,
     )
     return "retrying"
 
