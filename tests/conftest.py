@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import unittest
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.conf import settings
+from django.test import override_settings
 
 from mailauto.sandbox import SandboxServer
 
@@ -59,6 +62,21 @@ def sandbox() -> Iterator[SandboxServer]:
         yield server
     finally:
         server.stop()
+
+
+def use_sandbox(test: unittest.TestCase, **options: Any) -> SandboxServer:
+    """Start a sandbox for one test (`options` as SandboxServer takes them, e.g. where
+    to post webhooks) and point Anymail's Postmark backend at it, both undone when the
+    test ends."""
+    server = SandboxServer(port=0, **options).start()
+    test.addCleanup(server.stop)
+    override = override_settings(
+        EMAIL_BACKEND="anymail.backends.postmark.EmailBackend",
+        ANYMAIL=sandbox_anymail_settings(server),
+    )
+    override.enable()
+    test.addCleanup(override.disable)
+    return server
 
 
 def sandbox_anymail_settings(server: SandboxServer) -> dict:

@@ -38,12 +38,11 @@ from campaigns.broadcasts import (
 from campaigns.delivery import claimable_messages_q, messages_claim, messages_replay, messages_send_batch
 from campaigns.models import Broadcast, Contact, EmailTemplate, Message
 from mailauto.celery import app as celery_app
-from mailauto.sandbox import SandboxServer
 from suppression.consent import consent_grant, consent_withdraw
 from suppression.models import Suppression
 from suppression.services import suppression_add
 from tests import factories
-from tests.conftest import sandbox_anymail_settings
+from tests.conftest import use_sandbox
 from webhooks.models import TrackingEvent
 
 NOW = datetime(2025, 6, 2, 9, 0, tzinfo=UTC)
@@ -614,14 +613,7 @@ class SandboxSendTests(BroadcastTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.sandbox = SandboxServer(port=0).start()
-        self.addCleanup(self.sandbox.stop)
-        override = override_settings(
-            EMAIL_BACKEND="anymail.backends.postmark.EmailBackend",
-            ANYMAIL=sandbox_anymail_settings(self.sandbox),
-        )
-        override.enable()
-        self.addCleanup(override.disable)
+        self.sandbox = use_sandbox(self)
 
     def test_each_contact_gets_exactly_one_email(self) -> None:
         factories.contact(email="Cy@example.com", first_name="Twin", plan="pro")  # Cy's mailbox again

@@ -12,15 +12,14 @@ from unittest import mock
 import time_machine
 from django.conf import settings
 from django.db import connection
-from django.test import TransactionTestCase, override_settings
+from django.test import TransactionTestCase
 from django.utils import timezone
 
 from campaigns import delivery
 from campaigns.delivery import SendBatchResult, messages_claim, messages_send_batch
 from campaigns.models import Message
-from mailauto.sandbox import SandboxServer
 from tests import factories
-from tests.conftest import sandbox_anymail_settings
+from tests.conftest import use_sandbox
 
 THREADS = 6
 
@@ -126,14 +125,7 @@ class ExpiredLeaseRaceTests(TransactionTestCase):
     receives it once."""
 
     def setUp(self) -> None:
-        self.sandbox = SandboxServer(port=0).start()
-        self.addCleanup(self.sandbox.stop)
-        override = override_settings(
-            EMAIL_BACKEND="anymail.backends.postmark.EmailBackend",
-            ANYMAIL=sandbox_anymail_settings(self.sandbox),
-        )
-        override.enable()
-        self.addCleanup(override.disable)
+        self.sandbox = use_sandbox(self)
         version = factories.published_version(subject="Hello {{ contact.first_name }}")
         contact = factories.contact(email="race@example.com", first_name="Ada")
         self.message = factories.message(version, contact)

@@ -26,11 +26,10 @@ from campaigns.delivery import (
     messages_send_batch,
 )
 from campaigns.models import Message
-from mailauto.sandbox import SandboxServer
 from suppression.models import Suppression
 from suppression.services import suppression_add
 from tests import factories
-from tests.conftest import sandbox_anymail_settings
+from tests.conftest import sandbox_anymail_settings, use_sandbox
 
 
 def free_port() -> int:
@@ -43,14 +42,7 @@ class SandboxTestCase(TestCase):
     """Runs a real sandbox for each test and points Anymail's Postmark backend at it."""
 
     def setUp(self) -> None:
-        self.sandbox = SandboxServer(port=0).start()
-        self.addCleanup(self.sandbox.stop)
-        override = override_settings(
-            EMAIL_BACKEND="anymail.backends.postmark.EmailBackend",
-            ANYMAIL=sandbox_anymail_settings(self.sandbox),
-        )
-        override.enable()
-        self.addCleanup(override.disable)
+        self.sandbox = use_sandbox(self)
 
     @classmethod
     def setUpTestData(cls) -> None:

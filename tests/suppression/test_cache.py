@@ -11,13 +11,12 @@ from django.test import TestCase, override_settings
 
 from campaigns.delivery import messages_send_batch
 from campaigns.models import Message
-from mailauto.sandbox import SandboxServer
 from suppression import cache
 from suppression.models import Suppression
 from suppression.selectors import send_decision
 from suppression.services import suppression_add, suppression_remove
 from tests import factories
-from tests.conftest import sandbox_anymail_settings
+from tests.conftest import use_sandbox
 
 DOWN_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
 
@@ -239,14 +238,7 @@ class StaleMirrorNeverSendsTests(MirrorTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.sandbox = SandboxServer(port=0).start()
-        self.addCleanup(self.sandbox.stop)
-        override = override_settings(
-            EMAIL_BACKEND="anymail.backends.postmark.EmailBackend",
-            ANYMAIL=sandbox_anymail_settings(self.sandbox),
-        )
-        override.enable()
-        self.addCleanup(override.disable)
+        self.sandbox = use_sandbox(self)
 
     def test_a_suppression_the_mirror_missed_still_stops_the_send(self) -> None:
         contact = factories.contact(email="ada@example.com")

@@ -28,7 +28,7 @@ from suppression.unsubscribe import (
     message_links,
 )
 from tests import factories
-from tests.conftest import sandbox_anymail_settings
+from tests.conftest import sandbox_anymail_settings, use_sandbox
 
 HTTPS_SITE = "https://mail.example.test"
 
@@ -210,14 +210,7 @@ class UnsubscribeThroughDeliveryTests(TestCase):
     """The real loop: send through Anymail to the sandbox, follow the link it received."""
 
     def setUp(self) -> None:
-        self.sandbox = SandboxServer(port=0).start()
-        self.addCleanup(self.sandbox.stop)
-        override = override_settings(
-            EMAIL_BACKEND="anymail.backends.postmark.EmailBackend",
-            ANYMAIL=sandbox_anymail_settings(self.sandbox),
-        )
-        override.enable()
-        self.addCleanup(override.disable)
+        self.sandbox = use_sandbox(self)
 
     @classmethod
     def setUpTestData(cls) -> None:

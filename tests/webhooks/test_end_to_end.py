@@ -5,31 +5,23 @@ suppresses the address."""
 from __future__ import annotations
 
 from django.conf import settings
-from django.test import LiveServerTestCase, override_settings
+from django.test import LiveServerTestCase
 
 from campaigns.delivery import messages_send_batch
 from campaigns.models import Message
-from mailauto.sandbox import SandboxServer
 from suppression.models import Suppression
 from tests import factories
-from tests.conftest import sandbox_anymail_settings
+from tests.conftest import use_sandbox
 from webhooks.models import TrackingEvent
 
 
 class SandboxWebhookLoopTests(LiveServerTestCase):
     def setUp(self) -> None:
-        self.sandbox = SandboxServer(
-            port=0,
+        self.sandbox = use_sandbox(
+            self,
             webhook_url=f"{self.live_server_url}/webhooks/postmark/tracking/",
             webhook_auth=str(settings.ANYMAIL["WEBHOOK_SECRET"]),
-        ).start()
-        self.addCleanup(self.sandbox.stop)
-        override = override_settings(
-            EMAIL_BACKEND="anymail.backends.postmark.EmailBackend",
-            ANYMAIL=sandbox_anymail_settings(self.sandbox),
         )
-        override.enable()
-        self.addCleanup(override.disable)
         self.version = factories.published_version()
 
     def queue(self, email: str) -> Message:
