@@ -6,12 +6,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from django.db import transaction
+from django.db.models import QuerySet
 
 from suppression import cache
 from suppression.models import Suppression, SuppressionLogEntry
 from suppression.topics import preference_topics
+
+if TYPE_CHECKING:
+    from campaigns.models import Contact
 
 # Sources recorded on suppressions and log entries changed by recipients themselves.
 SOURCE_UNSUBSCRIBE_LINK = "recipient:unsubscribe-link"
@@ -148,7 +153,6 @@ def recipient_consent_withdraw(
     """
     # Imported here: suppression.consent builds on suppression.privacy, which builds on
     # this module.
-    from campaigns.models import Contact
     from suppression.consent import consent_withdraw
     from suppression.models import ConsentRecord
 
@@ -157,16 +161,7 @@ def recipient_consent_withdraw(
         evidence["message_id"] = message_id
     ip = _evidence_ip(ip)
     recorded = 0
-    # Locked in id order, so that two requests at once (a mail client repeating its
-    # one-click POST) record one change, not two, and never deadlock. iexact: identify()
-    # keeps the address as the application gave it; links and suppressions carry it
-    # lower-cased. No index serves UPPER(email), so this scans the contacts: acceptable
-    # on a path taken once per recipient click.
-    contacts = (
-        Contact.objects.select_for_update()
-        .filter(email__iexact=normalize_email(email), erased_at__isnull=True)
-        .order_by("pk")
-    )
+    contacts = _contacts_with_address(email)
     for contact in contacts:
         latest = _latest_consent(contact_id=contact.pk)
         if topic:
@@ -185,6 +180,21 @@ def recipient_consent_withdraw(
             )
             recorded += 1
     return recorded
+
+
+def _contacts_with_address(email: str) -> QuerySet[Contact]:
+    """The contacts (not erased) with this address, locked in id order, so that two
+    requests at once (a mail client repeating its one-click POST) record one change, not
+    two, and never deadlock. Matched case-insensitively: identify() keeps the address as
+    the application gave it, links and suppressions carry it lower-cased (the index
+    contact_email_iexact serves the lookup)."""
+    from campaigns.models import Contact
+
+    return (
+        Contact.objects.select_for_update()
+        .filter(email__iexact=normalize_email(email), erased_at__isnull=True)
+        .order_by("pk")
+    )
 
 
 def _latest_consent(*, contact_id: int) -> dict[str, tuple[str, dict[str, object]]]:
@@ -314,7 +324,6 @@ def _recipient_consent_opt_in(
     identify() records grants without one; the page's wording is a template, not a
     ConsentNotice, so the topic's label as shown goes into the evidence instead.
     """
-    from campaigns.models import Contact
     from suppression.consent import consent_grant
     from suppression.models import ConsentRecord
 
@@ -322,10 +331,7 @@ def _recipient_consent_opt_in(
     direct = [topic for topic in opted_in if topic]
     restorable = [topic for topic in ticked if topic not in direct] if "" in opted_in else []
     recorded = 0
-    # Locked in id order, matched case-insensitively: see recipient_consent_withdraw.
-    contacts = (
-        Contact.objects.select_for_update().filter(email__iexact=email, erased_at__isnull=True).order_by("pk")
-    )
+    contacts = _contacts_with_address(email)
     for contact in contacts:
         latest = _latest_consent(contact_id=contact.pk)
         grants: list[tuple[str, dict[str, object]]] = [
